@@ -1,0 +1,76 @@
+"""The ``hermes-media`` command: serve the routes, write the OpenAPI specs."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import uvicorn
+from fastapi import FastAPI
+
+from services.compress.app import create_app as create_compress_app
+
+
+@dataclass(frozen=True)
+class Service:
+    name: str
+    default_port: int
+    create_app: Callable[[], FastAPI]
+
+
+SERVICES: dict[str, Service] = {
+    s.name: s for s in (Service("compress", 8002, create_compress_app),)
+}
+
+
+def _server(service: Service, host: str, port: int) -> uvicorn.Server:
+    config = uvicorn.Config(service.create_app(), host=host, port=port, log_level="info")
+    return uvicorn.Server(config)
+
+
+async def _serve_all(servers: Sequence[uvicorn.Server]) -> None:
+    await asyncio.gather(*(server.serve() for server in servers))
+
+
+def write_openapi(directory: Path) -> list[Path]:
+    directory.mkdir(parents=True, exist_ok=True)
+    written = []
+    for service in SERVICES.values():
+        path = directory / f"{service.name}.json"
+        spec = service.create_app().openapi()
+        path.write_text(json.dumps(spec, indent=2, sort_keys=True) + "\n")
+        written.append(path)
+    return written
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="hermes-media", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="Serve every service, or the one named.")
+    serve.add_argument("service", nargs="?", choices=sorted(SERVICES))
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, help="Port of the one service named.")
+    for service in SERVICES.values():
+        serve.add_argument(f"--{service.name}-port", type=int, default=service.default_port)
+    openapi = commands.add_parser("openapi", help="Write openapi/<service>.json.")
+    openapi.add_argument("--out", type=Path, default=Path("openapi"))
+    args = parser.parse_args(argv)
+
+    if args.command == "openapi":
+        for path in write_openapi(args.out):
+            print(path)
+        return
+    chosen = [SERVICES[args.service]] if args.service else list(SERVICES.values())
+    servers = [
+        _server(
+            s,
+            args.host,
+            args.port if args.service and args.port else getattr(args, f"{s.name}_port"),
+        )
+        for s in chosen
+    ]
+    asyncio.run(_serve_all(servers))

@@ -1,0 +1,99 @@
+"""What every service app has in common: error handlers, the body limit, health, Ouro auth."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from fastapi import FastAPI, Request
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from services.common.errors import (
+    ErrorBody,
+    ErrorDetail,
+    HermesError,
+    error_response,
+    install_error_handlers,
+)
+from services.common.ouro import check_service_secret
+from services.common.settings import CommonSettings
+
+
+class BodyLimitMiddleware:
+    """Refuse request bodies over ``max_bytes``, declared or streamed, before a route reads them."""
+
+    def __init__(self, app: ASGIApp, *, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    def _message(self) -> str:
+        return f"The request body is larger than the limit of {self.max_bytes} bytes."
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers", ()))
+        declared = headers.get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            await self._refuse(send)
+            return
+        seen = 0
+
+        async def limited_receive() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise StarletteHTTPException(413, detail=self._message())
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+    async def _refuse(self, send: Send) -> None:
+        message = self._message()
+        body = ErrorBody(
+            detail=message, error=ErrorDetail(code="payload_too_large", message=message)
+        ).model_dump_json()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [(b"content-type", b"application/json"), (b"connection", b"close")],
+            }
+        )
+        await send({"type": "http.response.body", "body": body.encode()})
+
+
+OPEN_PATHS = frozenset({"/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc", "/healthz"})
+
+
+def create_base_app(
+    settings: CommonSettings,
+    *,
+    title: str,
+    description: str,
+    lifespan: Callable[[FastAPI], Any] | None = None,
+) -> FastAPI:
+    app = FastAPI(title=title, description=description, version="0.1.0", lifespan=lifespan)
+    install_error_handlers(app)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
+
+    @app.middleware("http")
+    async def ouro_auth(
+        request: Request, call_next: Callable[[Request], Awaitable[Any]]
+    ) -> Any:
+        if request.url.path not in OPEN_PATHS:
+            try:
+                check_service_secret(request, settings.ouro_service_secret)
+            except HermesError as exc:
+                return error_response(exc)
+        return await call_next(request)
+
+    @app.get("/healthz", tags=["health"], summary="Liveness")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    return app

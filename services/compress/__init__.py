@@ -1,0 +1,1 @@
+"""The compress-an-image route: the same image, smaller, in the same format."""

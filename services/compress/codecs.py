@@ -1,0 +1,413 @@
+"""Compressing one image: decode with limits, re-encode in the same format, never bigger.
+
+This module is the domain of the route and knows nothing of HTTP. It runs in worker processes
+(see ``pool``), so its inputs and outputs are plain picklable values.
+
+What ``quality`` means per format is documented in the README; the reasons live beside each
+encoder below.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+import warnings
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import imagequant
+import mozjpeg_lossless_optimization
+import oxipng
+import pillow_heif
+import pyjpegli
+from PIL import Image, ImageFile, ImageSequence, PngImagePlugin, UnidentifiedImageError
+
+from services.common.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
+from services.compress.formats import ACCEPTED_NAMES, FORMATS, ImageFormat
+
+pillow_heif.register_heif_opener()
+# The pixel limit is ours (checked from the header before decoding); Pillow's own warning would
+# only repeat it, and its hard error is kept as the last line of defence.
+warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+ORIENTATION_TAG = 0x0112
+EXIF_TAG_IN_PNG = b"eXIf"
+PNG_TEXT_CHUNKS = frozenset({b"tEXt", b"zTXt", b"iTXt", b"tIME"})
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_pixels: int
+    max_frames: int
+
+
+@dataclass(frozen=True)
+class Compressed:
+    data: bytes
+    format: ImageFormat
+    width: int
+    height: int
+    frames: int
+    original_bytes: int
+    compressed: bool
+
+
+@dataclass(frozen=True)
+class Metadata:
+    """What is carried from the input to the output, already reduced when stripping."""
+
+    icc: bytes | None
+    exif: bytes | None
+    xmp: bytes | None
+    comment: bytes | None
+    stripped: bool
+
+
+def compress(data: bytes, *, quality: int, strip_metadata: bool, limits: Limits) -> Compressed:
+    """Compress ``data`` in its own format; return the input itself when that is not smaller."""
+    image = _open(data, limits)
+    fmt = FORMATS[str(image.format)]
+    frames = _frame_count(image)
+    width, height = image.size
+    try:
+        image.load()
+        encoded = _encode(image, data, fmt, quality, _metadata(image, strip_metadata))
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error) as exc:
+        raise InvalidInput(f"The {fmt.extension.upper()} file is damaged or truncated.") from exc
+    smaller = len(encoded) < len(data)
+    return Compressed(
+        data=encoded if smaller else data,
+        format=fmt,
+        width=width,
+        height=height,
+        frames=frames,
+        original_bytes=len(data),
+        compressed=smaller,
+    )
+
+
+def _open(data: bytes, limits: Limits) -> Image.Image:
+    try:
+        image = Image.open(io.BytesIO(data), formats=list(FORMATS))
+    except UnidentifiedImageError as exc:
+        raise UnsupportedMediaType(
+            f"The file is not an image in an accepted format ({ACCEPTED_NAMES})."
+        ) from exc
+    except Image.DecompressionBombError as exc:
+        raise PayloadTooLarge(_too_many_pixels(limits)) from exc
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error) as exc:
+        raise InvalidInput("The image header is damaged or truncated.") from exc
+    try:
+        frames = _frame_count(image)
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error) as exc:
+        raise InvalidInput("The image is damaged or truncated.") from exc
+    if frames > limits.max_frames:
+        raise PayloadTooLarge(
+            f"The image has {frames} frames; the limit is {limits.max_frames}."
+        )
+    width, height = image.size
+    if width * height * frames > limits.max_pixels:
+        raise PayloadTooLarge(_too_many_pixels(limits))
+    return image
+
+
+def _too_many_pixels(limits: Limits) -> str:
+    return (
+        f"The image is larger than the limit of {limits.max_pixels} pixels "
+        "(width x height x frames)."
+    )
+
+
+def _frame_count(image: Image.Image) -> int:
+    if image.format == "ICO":
+        return len(image.info.get("sizes", ())) or 1
+    return int(getattr(image, "n_frames", 1))
+
+
+def _metadata(image: Image.Image, strip: bool) -> Metadata:
+    icc = image.info.get("icc_profile") or None
+    exif = image.getexif()
+    xmp = image.info.get("xmp") or None
+    if isinstance(xmp, str):
+        xmp = xmp.encode()
+    comment = image.info.get("comment") or None
+    if isinstance(comment, str):
+        comment = comment.encode()
+    if strip:
+        orientation = exif.get(ORIENTATION_TAG)
+        exif = Image.Exif()
+        if orientation not in (None, 1):
+            exif[ORIENTATION_TAG] = orientation
+        exif_bytes = exif.tobytes() if len(exif) else None
+        return Metadata(icc=icc, exif=exif_bytes, xmp=None, comment=None, stripped=True)
+    exif_bytes = exif.tobytes() if len(exif) else None
+    return Metadata(icc=icc, exif=exif_bytes, xmp=xmp, comment=comment, stripped=False)
+
+
+def _encode(
+    image: Image.Image, data: bytes, fmt: ImageFormat, quality: int, meta: Metadata
+) -> bytes:
+    name = fmt.pillow_name
+    if name == "JPEG":
+        return _jpeg(image, quality, meta)
+    if name == "PNG":
+        return _png(image, data, quality, meta)
+    if name == "WEBP":
+        return _webp(image, data, quality, meta)
+    if name == "GIF":
+        return _gif(image, quality, meta)
+    if name in ("AVIF", "HEIF"):
+        return _lossy_modern(image, name, quality, meta)
+    if name in ("TIFF", "BMP"):
+        return _lossless_raster(image, name, meta)
+    return _ico(image)
+
+
+# JPEG: jpegli encodes (about 0.9x libjpeg's bytes at the same nominal quality and a visual score
+# within noise of it), then mozjpeg rewrites the entropy coding losslessly as optimised
+# progressive scans. Greyscale and CMYK stay in their colour model through Pillow's encoder.
+def _jpeg(image: Image.Image, quality: int, meta: Metadata) -> bytes:
+    if image.mode == "RGB":
+        pixels = pyjpegli.encode(image.tobytes(), image.width, image.height, quality)
+    else:
+        if image.mode not in ("L", "CMYK"):
+            image = image.convert("RGB")
+        out = io.BytesIO()
+        image.save(out, "JPEG", quality=quality, optimize=True)
+        pixels = out.getvalue()
+    optimised = mozjpeg_lossless_optimization.optimize(pixels)
+    return _with_jpeg_markers(optimised, meta, adobe=image.mode == "CMYK")
+
+
+def _with_jpeg_markers(jpeg: bytes, meta: Metadata, *, adobe: bool) -> bytes:
+    """Insert metadata segments right after SOI and the encoder's own APP0/APP14."""
+    segments: list[bytes] = []
+    if meta.exif:
+        segments.append(_segment(0xE1, b"Exif\x00\x00" + meta.exif))
+    if meta.xmp:
+        segments.append(_segment(0xE1, b"http://ns.adobe.com/xap/1.0/\x00" + meta.xmp))
+    if meta.icc:
+        chunk = 65519
+        parts = [meta.icc[i : i + chunk] for i in range(0, len(meta.icc), chunk)]
+        for index, part in enumerate(parts, start=1):
+            segments.append(
+                _segment(0xE2, b"ICC_PROFILE\x00" + bytes([index, len(parts)]) + part)
+            )
+    if meta.comment:
+        segments.append(_segment(0xFE, meta.comment[:65533]))
+    position = 2
+    kept = {0xE0, 0xEE} if adobe else {0xE0}
+    while jpeg[position] == 0xFF and jpeg[position + 1] in kept:
+        length = struct.unpack(">H", jpeg[position + 2 : position + 4])[0]
+        position += 2 + length
+    return jpeg[:position] + b"".join(segments) + jpeg[position:]
+
+
+def _segment(marker: int, payload: bytes) -> bytes:
+    return bytes([0xFF, marker]) + struct.pack(">H", len(payload) + 2) + payload
+
+
+# PNG: at 100, oxipng optimises losslessly on the original bytes, so bit depth, palette, APNG
+# frames and every kept chunk survive exactly. Below 100, libimagequant makes a palette image
+# whose quality is at least ``quality`` (aiming 10 above it, as pngquant's min-max range does),
+# and when that floor cannot be met the lossless path is used. APNG is always lossless.
+def _png(image: Image.Image, data: bytes, quality: int, meta: Metadata) -> bytes:
+    lossless = oxipng.optimize_from_memory(_png_chunks(data, meta), level=2)
+    if quality >= 100 or _frame_count(image) > 1:
+        return lossless
+    try:
+        quantized = imagequant.quantize_pil_image(
+            image.convert("RGBA"),
+            dithering_level=1.0,
+            max_colors=256,
+            min_quality=quality,
+            max_quality=min(100, quality + 10),
+        )
+    except RuntimeError:
+        return lossless
+    out = io.BytesIO()
+    quantized.save(out, "PNG", pnginfo=_png_text(image, meta), icc_profile=meta.icc, exif=meta.exif)
+    lossy = oxipng.optimize_from_memory(out.getvalue(), level=2)
+    return min(lossy, lossless, key=len)
+
+
+def _png_chunks(data: bytes, meta: Metadata) -> bytes:
+    """The original PNG with text and EXIF chunks replaced by what ``meta`` keeps."""
+    out = [PNG_SIGNATURE]
+    for kind, chunk in _iter_png_chunks(data):
+        if kind in PNG_TEXT_CHUNKS and meta.stripped:
+            continue
+        if kind == EXIF_TAG_IN_PNG:
+            if meta.exif:
+                out.append(_png_chunk(kind, meta.exif))
+            continue
+        out.append(chunk)
+    return b"".join(out)
+
+
+def _iter_png_chunks(data: bytes) -> Iterator[tuple[bytes, bytes]]:
+    position = len(PNG_SIGNATURE)
+    while position + 8 <= len(data):
+        (length,) = struct.unpack(">I", data[position : position + 4])
+        kind = data[position + 4 : position + 8]
+        end = position + 12 + length
+        yield kind, data[position:end]
+        position = end
+        if kind == b"IEND":
+            return
+
+
+def _png_chunk(kind: bytes, payload: bytes) -> bytes:
+    crc = zlib.crc32(kind + payload) & 0xFFFFFFFF
+    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", crc)
+
+
+def _png_text(image: Image.Image, meta: Metadata) -> PngImagePlugin.PngInfo | None:
+    if meta.stripped:
+        return None
+    info = PngImagePlugin.PngInfo()
+    for key, value in getattr(image, "text", {}).items():
+        info.add_itxt(key, str(value))
+    return info
+
+
+# WebP: lossy input is re-encoded lossy at ``quality`` with the slowest, best method. Lossless
+# input stays lossless at 100 and below it follows the quality like any lossy WebP. Animations
+# keep every frame, its duration and the loop count; frames may mix lossy and lossless.
+def _webp(image: Image.Image, data: bytes, quality: int, meta: Metadata) -> bytes:
+    lossless = quality >= 100 and _webp_is_lossless(data)
+    frames, durations = _frames(image)
+    out = io.BytesIO()
+    frames[0].save(
+        out,
+        "WEBP",
+        save_all=len(frames) > 1,
+        append_images=frames[1:],
+        duration=durations,
+        loop=image.info.get("loop", 0),
+        lossless=lossless,
+        # Lossless effort 75 at method 4 is within 5% of the exhaustive 100 at method 6 and
+        # 30 times faster; lossy method 6 costs twice method 4 for 5% fewer bytes.
+        quality=75 if lossless else quality,
+        method=4 if lossless else 6,
+        allow_mixed=len(frames) > 1 and not lossless,
+        **_pillow_metadata(meta),
+    )
+    return out.getvalue()
+
+
+def _webp_is_lossless(data: bytes) -> bool:
+    kinds: set[bytes] = set()
+    position = 12
+    while position + 8 <= len(data):
+        kind = data[position : position + 4]
+        (length,) = struct.unpack("<I", data[position + 4 : position + 8])
+        if kind == b"ANMF":
+            inner = position + 8 + 16
+            kinds.add(data[inner : inner + 4])
+        kinds.add(kind)
+        position += 8 + length + (length & 1)
+    return b"VP8L" in kinds and b"VP8 " not in kinds
+
+
+def _pillow_metadata(meta: Metadata) -> dict[str, bytes]:
+    fields = {"icc_profile": meta.icc, "exif": meta.exif, "xmp": meta.xmp}
+    return {key: value for key, value in fields.items() if value}
+
+
+def _frames(image: Image.Image) -> tuple[list[Image.Image], list[int]]:
+    frames: list[Image.Image] = []
+    durations: list[int] = []
+    for frame in ImageSequence.Iterator(image):
+        durations.append(int(frame.info.get("duration", 0)))
+        frames.append(frame.copy())
+    return frames, durations
+
+
+# GIF: every frame, duration, disposal and the loop count are kept. At 100 the colours are
+# kept and Pillow's optimiser only crops frames to what changes; below 100 each frame gets a
+# smaller palette, 256 colours scaled by quality (at least 16), which LZW then packs tighter.
+def _gif(image: Image.Image, quality: int, meta: Metadata) -> bytes:
+    frames: list[Image.Image] = []
+    durations: list[int] = []
+    disposals: list[int] = []
+    colours = 256 if quality >= 100 else max(16, round(256 * quality / 100))
+    for frame in ImageSequence.Iterator(image):
+        durations.append(int(frame.info.get("duration", 0)))
+        disposals.append(int(getattr(frame, "disposal_method", 0)))
+        current = frame.copy()
+        if colours < 256:
+            current = current.convert("RGBA").quantize(
+                colors=colours, method=Image.Quantize.FASTOCTREE
+            )
+        frames.append(current)
+    out = io.BytesIO()
+    extra: dict[str, object] = {}
+    if "loop" in image.info:
+        extra["loop"] = image.info["loop"]
+    if meta.comment:
+        extra["comment"] = meta.comment
+    frames[0].save(
+        out,
+        "GIF",
+        save_all=len(frames) > 1,
+        append_images=frames[1:],
+        duration=durations,
+        disposal=disposals,
+        optimize=True,
+        **extra,
+    )
+    return out.getvalue()
+
+
+# AVIF and HEIC: lossy at ``quality``, as their encoders define it; animations (AVIF) keep
+# their frames and durations.
+def _lossy_modern(image: Image.Image, name: str, quality: int, meta: Metadata) -> bytes:
+    frames, durations = _frames(image)
+    out = io.BytesIO()
+    options: dict[str, object] = {"quality": quality, **_pillow_metadata(meta)}
+    if len(frames) > 1:
+        options.update(save_all=True, append_images=frames[1:], duration=durations)
+    frames[0].save(out, name, **options)
+    return out.getvalue()
+
+
+# TIFF and BMP: lossless always. Images with at most 256 colours are stored as a palette
+# (exactly the same pixels in a third of the bytes or less); TIFF also gets Deflate.
+def _lossless_raster(image: Image.Image, name: str, meta: Metadata) -> bytes:
+    frames = [_palette_if_exact(frame) for frame in _frames(image)[0]]
+    out = io.BytesIO()
+    options: dict[str, object] = {}
+    if name == "TIFF":
+        options.update(compression="tiff_adobe_deflate", **_pillow_metadata(meta))
+        if len(frames) > 1:
+            options.update(save_all=True, append_images=frames[1:])
+    elif meta.icc:
+        options["icc_profile"] = meta.icc
+    frames[0].save(out, name, **options)
+    return out.getvalue()
+
+
+def _palette_if_exact(image: Image.Image) -> Image.Image:
+    if image.mode != "RGB":
+        return image
+    colours = image.getcolors(256)
+    if colours is None:
+        return image
+    palette = Image.new("P", (1, 1))
+    palette.putpalette([channel for _, rgb in colours for channel in rgb])
+    return image.quantize(palette=palette, dither=Image.Dither.NONE)
+
+
+# ICO: every size the icon holds is kept as its own picture, stored as PNG (lossless).
+def _ico(image: Image.Image) -> bytes:
+    sizes = sorted(image.info.get("sizes", {image.size}))
+    ico = getattr(image, "ico", None)
+    pictures = [ico.getimage(size) if ico is not None else image for size in sizes]
+    largest = pictures[-1]
+    out = io.BytesIO()
+    largest.save(out, "ICO", sizes=sizes, append_images=pictures[:-1])
+    return out.getvalue()
