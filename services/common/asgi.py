@@ -82,9 +82,7 @@ def create_base_app(
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
 
     @app.middleware("http")
-    async def ouro_auth(
-        request: Request, call_next: Callable[[Request], Awaitable[Any]]
-    ) -> Any:
+    async def ouro_auth(request: Request, call_next: Callable[[Request], Awaitable[Any]]) -> Any:
         if request.url.path not in OPEN_PATHS:
             try:
                 check_service_secret(request, settings.ouro_service_secret)

@@ -46,7 +46,9 @@ class HermesError(Exception):
         self.message = message
 
     def body(self) -> ErrorBody:
-        return ErrorBody(detail=self.message, error=ErrorDetail(code=self.code, message=self.message))
+        return ErrorBody(
+            detail=self.message, error=ErrorDetail(code=self.code, message=self.message)
+        )
 
 
 class InvalidInput(HermesError):

@@ -69,9 +69,16 @@ async def system_resolver(host: str, port: int) -> list[str]:
 class AddressGuard:
     """Resolves a host and keeps only the addresses we may connect to."""
 
-    def __init__(self, *, allow_private: bool, resolver: Resolver = system_resolver) -> None:
+    def __init__(
+        self,
+        *,
+        allow_private: bool,
+        resolver: Resolver = system_resolver,
+        refused: Callable[[IPAddress], bool] = is_refused_address,
+    ) -> None:
         self.allow_private = allow_private
         self._resolver = resolver
+        self._refused = refused
 
     async def addresses(self, host: str) -> list[str]:
         host = host.strip("[]")
@@ -88,7 +95,7 @@ class AddressGuard:
                 raise FetchFailed(f"The host {host} could not be resolved.") from exc
         if self.allow_private:
             return candidates
-        allowed = [a for a in candidates if not is_refused_address(ipaddress.ip_address(a))]
+        allowed = [a for a in candidates if not self._refused(ipaddress.ip_address(a))]
         if not allowed:
             raise AddressRefused(
                 f"The host {host} resolves to a private or reserved address, which is refused."
@@ -168,10 +175,11 @@ class GuardedClient:
         timeout: float,
         max_redirects: int = 5,
         resolver: Resolver = system_resolver,
+        refused: Callable[[IPAddress], bool] = is_refused_address,
     ) -> None:
         self.timeout = timeout
         self.max_redirects = max_redirects
-        self.guard = AddressGuard(allow_private=allow_private, resolver=resolver)
+        self.guard = AddressGuard(allow_private=allow_private, resolver=resolver, refused=refused)
         self._client = httpx.AsyncClient(
             transport=_GuardedTransport(self.guard),
             timeout=httpx.Timeout(timeout),

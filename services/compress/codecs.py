@@ -36,6 +36,20 @@ ORIENTATION_TAG = 0x0112
 EXIF_TAG_IN_PNG = b"eXIf"
 PNG_TEXT_CHUNKS = frozenset({b"tEXt", b"zTXt", b"iTXt", b"tIME"})
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# How each accepted format starts, to tell a damaged file of ours from another format.
+MAGIC_NUMBERS = (
+    PNG_SIGNATURE[:4],
+    b"\xff\xd8\xff",
+    b"GIF8",
+    b"RIFF",
+    b"II*\x00",
+    b"MM\x00*",
+    b"BM",
+    b"\x00\x00\x01\x00",
+)
+ISO_BRANDS = frozenset(
+    b"ftyp" + brand for brand in (b"avif", b"avis", b"heic", b"heix", b"mif1", b"msf1", b"hevc")
+)
 
 
 @dataclass(frozen=True)
@@ -93,6 +107,8 @@ def _open(data: bytes, limits: Limits) -> Image.Image:
     try:
         image = Image.open(io.BytesIO(data), formats=list(FORMATS))
     except UnidentifiedImageError as exc:
+        if data.startswith(MAGIC_NUMBERS) or data[4:12] in ISO_BRANDS:
+            raise InvalidInput("The image header is damaged or truncated.") from exc
         raise UnsupportedMediaType(
             f"The file is not an image in an accepted format ({ACCEPTED_NAMES})."
         ) from exc
@@ -105,9 +121,7 @@ def _open(data: bytes, limits: Limits) -> Image.Image:
     except (OSError, SyntaxError, ValueError, EOFError, struct.error) as exc:
         raise InvalidInput("The image is damaged or truncated.") from exc
     if frames > limits.max_frames:
-        raise PayloadTooLarge(
-            f"The image has {frames} frames; the limit is {limits.max_frames}."
-        )
+        raise PayloadTooLarge(f"The image has {frames} frames; the limit is {limits.max_frames}.")
     width, height = image.size
     if width * height * frames > limits.max_pixels:
         raise PayloadTooLarge(_too_many_pixels(limits))
@@ -193,9 +207,7 @@ def _with_jpeg_markers(jpeg: bytes, meta: Metadata, *, adobe: bool) -> bytes:
         chunk = 65519
         parts = [meta.icc[i : i + chunk] for i in range(0, len(meta.icc), chunk)]
         for index, part in enumerate(parts, start=1):
-            segments.append(
-                _segment(0xE2, b"ICC_PROFILE\x00" + bytes([index, len(parts)]) + part)
-            )
+            segments.append(_segment(0xE2, b"ICC_PROFILE\x00" + bytes([index, len(parts)]) + part))
     if meta.comment:
         segments.append(_segment(0xFE, meta.comment[:65533]))
     position = 2
@@ -322,6 +334,7 @@ def _frames(image: Image.Image) -> tuple[list[Image.Image], list[int]]:
     frames: list[Image.Image] = []
     durations: list[int] = []
     for frame in ImageSequence.Iterator(image):
+        frame.load()
         durations.append(int(frame.info.get("duration", 0)))
         frames.append(frame.copy())
     return frames, durations
@@ -336,6 +349,7 @@ def _gif(image: Image.Image, quality: int, meta: Metadata) -> bytes:
     disposals: list[int] = []
     colours = 256 if quality >= 100 else max(16, round(256 * quality / 100))
     for frame in ImageSequence.Iterator(image):
+        frame.load()
         durations.append(int(frame.info.get("duration", 0)))
         disposals.append(int(getattr(frame, "disposal_method", 0)))
         current = frame.copy()
@@ -350,13 +364,15 @@ def _gif(image: Image.Image, quality: int, meta: Metadata) -> bytes:
         extra["loop"] = image.info["loop"]
     if meta.comment:
         extra["comment"] = meta.comment
+    single = len(frames) == 1 or (len(set(durations)) == 1 and len(set(disposals)) == 1)
     frames[0].save(
         out,
         "GIF",
         save_all=len(frames) > 1,
         append_images=frames[1:],
-        duration=durations,
-        disposal=disposals,
+        # Pillow merges identical consecutive frames and then fails on per-frame lists.
+        duration=durations[0] if single else durations,
+        disposal=disposals[0] if single else disposals,
         optimize=True,
         **extra,
     )
@@ -397,9 +413,8 @@ def _palette_if_exact(image: Image.Image) -> Image.Image:
     colours = image.getcolors(256)
     if colours is None:
         return image
-    palette = Image.new("P", (1, 1))
-    palette.putpalette([channel for _, rgb in colours for channel in rgb])
-    return image.quantize(palette=palette, dither=Image.Dither.NONE)
+    indexed = image.convert("P", palette=Image.Palette.ADAPTIVE, colors=len(colours))
+    return indexed if indexed.convert("RGB").tobytes() == image.tobytes() else image
 
 
 # ICO: every size the icon holds is kept as its own picture, stored as PNG (lossless).

@@ -10,8 +10,8 @@ import asyncio
 import multiprocessing
 import os
 from concurrent.futures import ProcessPoolExecutor
-from functools import partial
 from concurrent.futures.process import BrokenProcessPool
+from functools import partial
 
 from services.common.errors import InvalidInput
 from services.compress.codecs import Compressed, Limits, compress
@@ -43,7 +43,9 @@ class CodecPool:
         loop = asyncio.get_running_loop()
         executor = self._executor
         try:
-            job = partial(compress, data, quality=quality, strip_metadata=strip_metadata, limits=limits)
+            job = partial(
+                compress, data, quality=quality, strip_metadata=strip_metadata, limits=limits
+            )
             return await loop.run_in_executor(executor, job)
         except BrokenProcessPool as exc:
             if executor is self._executor:
@@ -53,4 +55,3 @@ class CodecPool:
 
     def close(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)
-
