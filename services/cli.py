@@ -12,6 +12,7 @@ from pathlib import Path
 import uvicorn
 from fastapi import FastAPI
 
+from services.clip.app import create_app as create_clip_app
 from services.compress.app import create_app as create_compress_app
 
 
@@ -23,7 +24,11 @@ class Service:
 
 
 SERVICES: dict[str, Service] = {
-    s.name: s for s in (Service("compress", 8002, create_compress_app),)
+    s.name: s
+    for s in (
+        Service("clip", 8001, create_clip_app),
+        Service("compress", 8002, create_compress_app),
+    )
 }
 
 

@@ -11,7 +11,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from services.common.errors import AddressRefused, FetchFailed
-from services.common.http import GuardedClient, IPAddress, is_refused_address
+from services.common.http import (
+    GuardedClient,
+    IPAddress,
+    Resolver,
+    is_refused_address,
+    system_resolver,
+)
 
 REFUSED = [
     "127.0.0.1",
@@ -82,9 +88,13 @@ def only_127_0_0_1_allowed(ip: IPAddress) -> bool:
     return str(ip) != "127.0.0.1"
 
 
-async def fetch(url: str, **options: object) -> bytes:
+async def fetch(url: str, *, max_redirects: int = 5, resolver: Resolver = system_resolver) -> bytes:
     guarded = GuardedClient(
-        allow_private=False, timeout=5, refused=only_127_0_0_1_allowed, **options
+        allow_private=False,
+        timeout=5,
+        refused=only_127_0_0_1_allowed,
+        max_redirects=max_redirects,
+        resolver=resolver,
     )
     try:
         return await guarded.fetch_bytes(url, max_bytes=1000)

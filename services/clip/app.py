@@ -1,0 +1,204 @@
+"""The download-a-clip-from-youtube API: check the request, queue the job, answer 202.
+
+The job's result goes to ``ouro-webhook-url`` (declared as an OpenAPI callback) and can be
+read at ``/jobs/{job_id}``, for direct callers who have no webhook.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Annotated
+
+from fastapi import APIRouter, FastAPI, Path, Request
+from fastapi.responses import FileResponse, JSONResponse
+from pydantic import BaseModel, Field
+
+from services.clip.delivery import WebhookSender
+from services.clip.jobs import ClipFacts, EmbeddedQueue, Job, JobStatus, JobView
+from services.clip.request import build_spec
+from services.clip.settings import ClipSettings
+from services.common.asgi import create_base_app
+from services.common.errors import ErrorDetail, HermesError, NotFound, error_responses
+from services.common.http import GuardedClient
+from services.common.ouro import OuroHeaders, OutputFile
+
+ROUTE = "/download-a-clip-from-youtube"
+JobId = Annotated[str, Path(pattern=r"^[0-9a-f]{32}$", description="The job id from the 202.")]
+
+
+class ClipRequest(BaseModel):
+    youtube_url: str = Field(max_length=2048, description="The YouTube video URL")
+    start_time: str = Field(max_length=32, description="Start time in HH:MM:SS or MM:SS format")
+    end_time: str = Field(max_length=32, description="End time in HH:MM:SS or MM:SS format")
+    name: str | None = Field(
+        default=None,
+        max_length=1000,
+        description="Optional name for the file asset. If not provided, uses the video title.",
+    )
+
+    model_config = {
+        "json_schema_extra": {
+            "examples": [
+                {
+                    "youtube_url": "https://www.youtube.com/watch?v=dQw4w9WgXcQ",
+                    "start_time": "00:00:42",
+                    "end_time": "00:01:02",
+                    "name": "The chorus",
+                }
+            ]
+        }
+    }
+
+
+class Accepted(BaseModel):
+    status: str = Field(default="accepted")
+    job_id: str = Field(description="Read the job at /jobs/{job_id} (the Location header).")
+
+
+class ClipSuccess(ClipFacts):
+    file: OutputFile
+
+
+class ClipError(BaseModel):
+    error: ErrorDetail
+
+
+class ClipWebhook(BaseModel):
+    status: str = Field(description="`success` or `error` (configurable).")
+    ouro_action_id: str | None
+    ouro_route_id: str | None
+    response: ClipSuccess | ClipError
+
+
+class JobNotReady(HermesError):
+    status_code = 409
+    code = "job_not_ready"
+
+
+webhooks = APIRouter()
+
+
+@webhooks.post("{$request.header.ouro-webhook-url}", summary="The job's result")
+def job_result(body: ClipWebhook) -> None:
+    """POSTed once the job ends, with the `ouro-webhook-token` header of the request."""
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    settings: ClipSettings = app.state.settings
+    client = GuardedClient(
+        allow_private=settings.allow_private_networks,
+        timeout=settings.webhook_timeout_seconds,
+        max_redirects=0,
+    )
+    sender = WebhookSender(
+        client,
+        attempts=settings.webhook_attempts,
+        backoff_seconds=settings.webhook_backoff_seconds,
+        timeout=settings.webhook_timeout_seconds,
+    )
+    app.state.queue = EmbeddedQueue(settings, sender)
+    try:
+        yield
+    finally:
+        await app.state.queue.close()
+        await client.aclose()
+
+
+def create_app(settings: ClipSettings | None = None) -> FastAPI:
+    settings = settings or ClipSettings()
+    app = create_base_app(
+        settings,
+        title="hermes-media: download-a-clip-from-youtube",
+        description="Download a specific time range from a YouTube video as an MP4 clip.",
+        lifespan=_lifespan,
+    )
+    app.state.settings = settings
+
+    def queue(request: Request) -> EmbeddedQueue:
+        found: EmbeddedQueue = request.app.state.queue
+        return found
+
+    def job_or_404(request: Request, job_id: str) -> Job:
+        job = queue(request).get(job_id)
+        if job is None:
+            raise NotFound("No such job; finished jobs are kept for a limited time.")
+        return job
+
+    @app.post(
+        ROUTE,
+        status_code=202,
+        summary="Download a clip from YouTube",
+        description="Download a specific time range from a YouTube video as an MP4 clip.",
+        response_model=Accepted,
+        responses={
+            202: {
+                "headers": {
+                    "Location": {"description": "/jobs/{job_id}", "schema": {"type": "string"}}
+                }
+            },
+            **error_responses(401, 422, 503),
+        },
+        callbacks=webhooks.routes,
+        openapi_extra={
+            "x-ouro-output-assets": {
+                "file": {"asset_type": "file", "primary": True, "file_extensions": ["mp4"]}
+            },
+            "x-ouro-execution-mode": "async",
+        },
+    )
+    async def download_a_clip(body: ClipRequest, request: Request) -> JSONResponse:
+        spec = build_spec(
+            youtube_url=body.youtube_url,
+            start_time=body.start_time,
+            end_time=body.end_time,
+            name=body.name,
+            extra_hosts=settings.clip_extra_source_hosts,
+            max_seconds=settings.clip_max_seconds,
+            max_name_length=settings.clip_name_max_length,
+        )
+        view = await queue(request).submit(spec, OuroHeaders.from_request(request))
+        return JSONResponse(
+            Accepted(job_id=view.job_id).model_dump(),
+            status_code=202,
+            headers={"location": f"/jobs/{view.job_id}"},
+        )
+
+    @app.get(
+        "/jobs/{job_id}",
+        summary="Read a clip job",
+        response_model=JobView,
+        responses=error_responses(401, 404, 422),
+    )
+    async def read_job(job_id: JobId, request: Request) -> JobView:
+        return job_or_404(request, job_id).view()
+
+    @app.get(
+        "/jobs/{job_id}/file",
+        summary="Download a finished clip",
+        response_class=FileResponse,
+        responses={
+            200: {"content": {"video/mp4": {"schema": {"type": "string", "format": "binary"}}}},
+            **error_responses(401, 404, 409, 422),
+        },
+    )
+    async def read_job_file(job_id: JobId, request: Request) -> FileResponse:
+        job = job_or_404(request, job_id)
+        if job.status is not JobStatus.succeeded or job.file is None or job.result is None:
+            raise JobNotReady(f"The job is {job.status.value}; the file exists once it succeeds.")
+        return FileResponse(job.file, media_type="video/mp4", filename=job.result.filename)
+
+    @app.delete(
+        "/jobs/{job_id}",
+        summary="Cancel a clip job",
+        response_model=JobView,
+        responses=error_responses(401, 404, 422),
+    )
+    async def cancel_job(job_id: JobId, request: Request) -> JobView:
+        job_or_404(request, job_id)
+        job = await queue(request).cancel(job_id)
+        assert job is not None
+        return job.view()
+
+    return app

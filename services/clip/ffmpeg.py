@@ -1,0 +1,134 @@
+"""Running ffmpeg: live progress, media facts read from its banner, and process-group kills.
+
+The binary comes from the imageio-ffmpeg wheel, which has no ffprobe, so facts are read from
+the banner ffmpeg prints about its inputs. Every run is its own process group, killed whole
+when its job ends early.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import signal
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import cache
+
+import imageio_ffmpeg
+
+# ffmpeg may only reach the network through these, whatever a playlist says.
+PROTOCOLS = "http,https,tcp,tls,crypto"
+STDERR_KEPT = 16 * 1024
+
+DURATION = re.compile(r"Duration: (\d+):(\d\d):(\d\d(?:\.\d+)?)")
+STREAM = re.compile(r"Stream #\d+:(\d+)[^:]*: (Video|Audio): (\w+)([^\n]*)")
+SIZE = re.compile(r", (\d{2,5})x(\d{2,5})")
+FPS = re.compile(r", ([\d.]+) (?:fps|tbr)")
+
+
+@cache
+def ffmpeg_exe() -> str:
+    return str(imageio_ffmpeg.get_ffmpeg_exe())
+
+
+@dataclass(frozen=True)
+class MediaFacts:
+    duration: float | None
+    video_codec: str | None
+    audio_codec: str | None
+    width: int | None
+    height: int | None
+    fps: float | None
+
+
+def parse_banner(text: str) -> MediaFacts:
+    """Facts of input #0 from the banner ``ffmpeg -i`` prints."""
+    duration = None
+    if match := DURATION.search(text):
+        hours, minutes, seconds = match.groups()
+        duration = int(hours) * 3600 + int(minutes) * 60 + float(seconds)
+    video = audio = None
+    width = height = None
+    fps = None
+    for _, kind, codec, rest in STREAM.findall(text):
+        if kind == "Video" and video is None:
+            video = codec
+            if size := SIZE.search(rest):
+                width, height = int(size.group(1)), int(size.group(2))
+            if rate := FPS.search(rest):
+                fps = float(rate.group(1))
+        elif kind == "Audio" and audio is None:
+            audio = codec
+    return MediaFacts(duration, video, audio, width, height, fps)
+
+
+def http_options(max_range_bytes: int) -> dict[str, object]:
+    """Input options for a remote source: bounded range requests on one kept-alive connection.
+
+    A host that throttles large or open-ended ranges (YouTube does) never sees one: every
+    request asks for at most ``max_range_bytes``, and the header is read with a small one.
+    """
+    return {
+        "protocol_whitelist": PROTOCOLS,
+        "rw_timeout": 30_000_000,
+        "multiple_requests": 1,
+        "initial_request_size": 65536,
+        "request_size": max_range_bytes,
+    }
+
+
+async def run(
+    args: Sequence[str],
+    *,
+    on_progress: Callable[[float], None] | None = None,
+) -> tuple[int, str]:
+    """Run ffmpeg in its own process group; kill the group if the caller is cancelled.
+
+    ``on_progress`` gets the seconds of output written so far, from ``-progress pipe:1``.
+    The text returned holds the start of stderr (the banner) and its end (the errors).
+    """
+    process = await asyncio.create_subprocess_exec(
+        ffmpeg_exe(),
+        *args,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        start_new_session=True,
+    )
+    assert process.stdout is not None
+    assert process.stderr is not None
+    head = bytearray()
+    tail = bytearray()
+
+    async def read_progress() -> None:
+        assert process.stdout is not None
+        async for line in process.stdout:
+            key, _, value = line.decode(errors="replace").strip().partition("=")
+            if on_progress is not None and key == "out_time_us" and value.isdigit():
+                on_progress(int(value) / 1_000_000)
+
+    async def read_stderr() -> None:
+        assert process.stderr is not None
+        async for line in process.stderr:
+            if len(head) < STDERR_KEPT:
+                head.extend(line)
+            else:
+                tail.extend(line)
+                del tail[:-STDERR_KEPT]
+
+    try:
+        await asyncio.gather(read_progress(), read_stderr())
+        code = await process.wait()
+    except BaseException:
+        kill_group(process.pid)
+        with contextlib.suppress(ProcessLookupError):
+            await process.wait()
+        raise
+    return code, (head + tail).decode(errors="replace")
+
+
+def kill_group(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)

@@ -1,0 +1,102 @@
+"""Settings of the clip service."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, field_validator
+from pydantic_settings import NoDecode
+
+from services.common.settings import CommonSettings
+
+
+class ClipSettings(CommonSettings):
+    clip_max_seconds: float = Field(
+        default=60.0,
+        gt=0,
+        description=(
+            "Longest clip. The result travels base64-encoded in one webhook body: 60 s of "
+            "1080p H.264 at the 5 Mbit/s cap plus 128 kbit/s AAC is about 38 MB, 51 MB as "
+            "base64, under the output limit below."
+        ),
+    )
+    clip_max_height: int = Field(
+        default=1080, ge=144, description="Tallest video picked from the source, in pixels."
+    )
+    clip_max_output_bytes: int = Field(
+        default=64 * 1024 * 1024,
+        gt=0,
+        description="Largest MP4 a job may produce (it fails with output_too_large past it).",
+    )
+    clip_concurrency: int = Field(default=2, ge=1, description="Clip jobs run at once.")
+    clip_max_queued: int = Field(
+        default=100, ge=1, description="Jobs waiting or running before new ones get 503."
+    )
+    clip_job_timeout_seconds: float = Field(
+        default=600.0, gt=0, description="Time a job may run before it fails with job_timeout."
+    )
+    clip_retention_seconds: float = Field(
+        default=3600.0,
+        ge=0,
+        description="How long a finished job and its MP4 stay readable at /jobs/{id}.",
+    )
+    clip_name_max_length: int = Field(
+        default=200, ge=1, description="Longest accepted `name` (characters)."
+    )
+    clip_extra_source_hosts: Annotated[frozenset[str], NoDecode] = Field(
+        default=frozenset(),
+        description=(
+            "Comma-separated hosts (host or host:port) admitted besides YouTube; their URLs "
+            "go through yt-dlp's generic extractor. Empty in production."
+        ),
+    )
+    clip_work_dir: Path = Field(
+        default=Path(tempfile.gettempdir()) / "hermes-clip",
+        description="Where each job's own directory of temporary files is made.",
+    )
+    clip_max_range_bytes: int = Field(
+        default=10 * 1024 * 1024,
+        ge=65536,
+        description=(
+            "Largest HTTP range requested from a source: YouTube throttles larger ones to "
+            "tens of KiB/s."
+        ),
+    )
+    clip_video_bitrate_cap: str = Field(
+        default="5M", description="Peak video bitrate of re-encoded parts (ffmpeg -maxrate)."
+    )
+    ytdlp_cookie_file: str | None = Field(
+        default=None,
+        description=(
+            "A Netscape cookies file yt-dlp sends to YouTube, for videos that need a signed-in "
+            "account or when YouTube asks to prove this is not a bot."
+        ),
+    )
+    ytdlp_proxy: str | None = Field(
+        default=None,
+        description="Proxy URL for yt-dlp's requests (e.g. when this host's IP is blocked).",
+    )
+    webhook_attempts: int = Field(
+        default=6, ge=1, description="Tries to deliver a webhook (network errors and 5xx)."
+    )
+    webhook_backoff_seconds: float = Field(
+        default=1.0, gt=0, description="First wait between webhook tries; doubles each time."
+    )
+    webhook_timeout_seconds: float = Field(
+        default=30.0, gt=0, description="Time limit of one webhook POST."
+    )
+    webhook_success_status: str = Field(
+        default="success", description="`status` of a successful webhook body."
+    )
+    webhook_error_status: str = Field(
+        default="error", description="`status` of a failed job's webhook body."
+    )
+
+    @field_validator("clip_extra_source_hosts", mode="before")
+    @classmethod
+    def _split_hosts(cls, value: object) -> object:
+        if isinstance(value, str):
+            return frozenset(h.strip().lower() for h in value.split(",") if h.strip())
+        return value
