@@ -98,8 +98,8 @@ FULL = Plan(
     big_equal_score=True,
     reps=7,
     slow_reps=3,
-    http_rounds=3,
-    http_requests=10,
+    http_rounds=5,
+    http_requests=8,
 )
 QUICK = Plan(
     mode="quick (--quick, a smoke run: figures are indicative only)",

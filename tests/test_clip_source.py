@@ -105,7 +105,7 @@ def test_http_429_is_rate_limited() -> None:
         def close(self) -> None:
             return
 
-    error = HTTPError(Response())  # type: ignore[arg-type]
+    error = HTTPError(Response())
     assert classify(DownloadError("ERROR: x", (HTTPError, error, None))).code == "rate_limited"
 
 

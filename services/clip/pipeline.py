@@ -23,6 +23,7 @@ from services.clip.source import (
     RangeOutOfBounds,
     Selection,
     SourceUnreachable,
+    UnsupportedSource,
     extract,
     select,
     ydl_options,
@@ -171,4 +172,6 @@ def _cut_failure(log: str) -> ClipFailed:
     lowered = log.lower()
     if any(k in lowered for k in ("server returned", "connection", "timed out", "i/o error")):
         return SourceUnreachable("The video source stopped answering while the clip was cut.")
+    if any(k in lowered for k in ("invalid data found", "does not contain any stream", "moov")):
+        return UnsupportedSource("The source is not a video that can be read.")
     return ProcessingFailed("The clip could not be cut from this video.")

@@ -1,0 +1,335 @@
+"""download-a-clip end to end: the real app, yt-dlp and ffmpeg on media served from loopback,
+and a real webhook receiver."""
+
+from __future__ import annotations
+
+import base64
+import itertools
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from services.clip.app import create_app
+from services.clip.ffmpeg import ffmpeg_exe, parse_banner
+from services.clip.settings import ClipSettings
+from tests.conftest import FPS, HEIGHT, WIDTH, Media
+from tests.support.apps import client
+from tests.support.media import beep_onsets, decode_frames, frame_number
+from tests.support.receiver import Receiver, receiver
+
+FRAME = 1 / FPS
+SOURCES = {"progressive": "s60.mp4", "dash": "dash/manifest.mpd", "hls": "hls/master.m3u8"}
+
+
+def settings_for(media: Media, tmp_path: Path, **overrides: Any) -> ClipSettings:
+    values: dict[str, Any] = {
+        "allow_private_networks": True,
+        "clip_extra_source_hosts": media.host,
+        "clip_work_dir": tmp_path / "work",
+        "webhook_backoff_seconds": 0.05,
+        **overrides,
+    }
+    return ClipSettings(**values)
+
+
+@pytest.fixture
+def hook() -> Iterator[Receiver]:
+    with receiver() as r:
+        yield r
+
+
+def ask(
+    api: httpx.Client, url: str, start: str, end: str, hook: Receiver | None = None, **extra: Any
+) -> httpx.Response:
+    headers = {}
+    if hook is not None:
+        headers = {
+            "ouro-webhook-url": hook.url,
+            "ouro-webhook-token": "secret-token",
+            "ouro-action-id": "action-1",
+            "ouro-route-id": "route-1",
+        }
+    body = {"youtube_url": url, "start_time": start, "end_time": end, **extra}
+    return api.post("/download-a-clip-from-youtube", json=body, headers=headers)
+
+
+def wait_for_job(api: httpx.Client, job_id: str, timeout: float = 60) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        view: dict[str, Any] = api.get(f"/jobs/{job_id}").json()
+        if view["status"] in ("succeeded", "failed") and view["webhook"] != "pending":
+            return view
+        time.sleep(0.05)
+    raise TimeoutError(job_id)
+
+
+def facts(path: Path) -> str:
+    return subprocess.run(
+        [ffmpeg_exe(), "-hide_banner", "-i", str(path)], capture_output=True, text=True
+    ).stderr
+
+
+@pytest.mark.parametrize("kind", sorted(SOURCES))
+def test_clip_is_frame_exact_in_sync_and_delivered(
+    kind: str, media: Media, tmp_path: Path, hook: Receiver
+) -> None:
+    settings = settings_for(media, tmp_path)
+    with client(create_app(settings)) as api:
+        response = ask(api, media.url(SOURCES[kind]), "0:12.4", "0:20.4", hook, name="My clip")
+        assert response.status_code == 202
+        job_id = response.json()["job_id"]
+        assert response.headers["location"] == f"/jobs/{job_id}"
+        [delivery] = hook.wait(1)
+        view = wait_for_job(api, job_id)
+
+    assert delivery.headers["ouro-webhook-token"] == "secret-token"
+    body = delivery.body
+    assert body["status"] == "success"
+    assert body["ouro_action_id"] == "action-1"
+    assert body["ouro_route_id"] == "route-1"
+    result = body["response"]
+    assert result["file"]["name"] == "My clip"
+    assert result["file"]["filename"] == "My clip.mp4"
+    assert result["file"]["type"] == "video/mp4"
+    assert result["file"]["extension"] == "mp4"
+    assert (result["start"], result["end"]) == (12.4, 20.4)
+    assert result["source_duration"] == pytest.approx(60, abs=0.1)
+    assert (result["width"], result["height"]) == (WIDTH, HEIGHT)
+    assert view["status"] == "succeeded"
+    assert view["webhook"] == "delivered"
+    assert view["progress"] == 1
+
+    clip = tmp_path / "clip.mp4"
+    clip.write_bytes(base64.b64decode(result["file"]["base64"]))
+    assert result["bytes"] == clip.stat().st_size
+    banner = facts(clip)
+    assert "Video: h264" in banner
+    assert "Audio: aac" in banner
+    data = clip.read_bytes()
+    assert data.index(b"moov") < data.index(b"mdat"), "index must be at the front (faststart)"
+
+    made = parse_banner(banner)
+    assert made.duration == pytest.approx(8.0, abs=FRAME)
+    frames = decode_frames(clip, width=WIDTH, height=HEIGHT, ignore_editlist=True)
+    assert abs(len(frames) - 8.0 * FPS) <= 1
+    first = frame_number(frames[0], WIDTH, HEIGHT)
+    assert first == round(12.4 * FPS), "first frame must be the source's frame at start_time"
+    assert frame_number(frames[-1], WIDTH, HEIGHT) == first + len(frames) - 1
+    onsets = [t for t in beep_onsets(clip) if t > 0.05]
+    expected = [second - 12.4 for second in range(13, 21)]
+    assert len(onsets) == len(expected)
+    for heard, due in zip(onsets, expected, strict=True):
+        assert abs(heard - due) < FRAME, "audio out of sync with video"
+    assert not (tmp_path / "work" / job_id).exists() or os.listdir(tmp_path / "work" / job_id) == [
+        "clip.mp4"
+    ]
+
+
+def test_direct_caller_polls_progress_and_downloads_the_file(media: Media, tmp_path: Path) -> None:
+    settings = settings_for(media, tmp_path)
+    with client(create_app(settings)) as api:
+        job_id = ask(api, media.url("s60.mp4"), "00:00:05", "00:00:35").json()["job_id"]
+        seen: list[tuple[str, float]] = []
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            view = api.get(f"/jobs/{job_id}").json()
+            seen.append((view["status"], view["progress"]))
+            if view["status"] in ("succeeded", "failed"):
+                break
+            time.sleep(0.02)
+        assert view["status"] == "succeeded", view
+        assert any(s == "running" and 0 < p < 1 for s, p in seen), seen
+        progress = [p for _, p in seen]
+        assert progress == sorted(progress)
+        assert view["result"]["title"] == "s60"
+        assert view["result"]["clip_duration"] == pytest.approx(30, abs=FRAME)
+        assert view["webhook"] == "none"
+        download = api.get(f"/jobs/{job_id}/file")
+        assert download.status_code == 200
+        assert download.headers["content-type"] == "video/mp4"
+        assert "s60.mp4" in download.headers["content-disposition"]
+        assert len(download.content) == view["result"]["bytes"]
+
+
+def test_only_the_clip_span_is_fetched(media: Media, tmp_path: Path) -> None:
+    """A 30 s clip of a 10-minute source fetches at most 2x the clip's share of its bytes."""
+    from tests.conftest import MEDIA_CACHE
+    from tests.support.media import make_source
+
+    long_source = make_source(
+        MEDIA_CACHE, seconds=600, width=WIDTH, height=HEIGHT, fps=FPS, name="s600"
+    )
+    settings = settings_for(media, tmp_path)
+    with client(create_app(settings)) as api:
+        media.server.reset()
+        job_id = ask(api, media.url("s600.mp4"), "5:00", "5:30").json()["job_id"]
+        assert wait_for_job(api, job_id)["status"] == "succeeded"
+    share = long_source.stat().st_size * 30 / 600
+    fetched = media.server.bytes_sent("s600.mp4")
+    assert fetched <= 2 * share, f"fetched {fetched} bytes for a share of {share:.0f}"
+    largest = max(r.requested_length or 0 for r in media.server.requests)
+    assert 0 < largest <= settings.clip_max_range_bytes
+
+
+def error_of(response: httpx.Response) -> str:
+    assert response.status_code == 422, response.text
+    body = response.json()
+    assert body["detail"] == body["error"]["message"]
+    return str(body["error"]["code"])
+
+
+def test_bad_requests_are_refused_before_the_202(media: Media, tmp_path: Path) -> None:
+    settings = settings_for(media, tmp_path, clip_max_seconds=30, clip_name_max_length=10)
+    good = media.url("s60.mp4")
+    cases: list[tuple[tuple[str, str, str], dict[str, Any], str | None]] = [
+        (("https://vimeo.com/123", "0:01", "0:02"), {}, "invalid_url"),
+        (
+            ("https://youtube.com.evil.example/watch?v=dQw4w9WgXcQ", "0:01", "0:02"),
+            {},
+            "invalid_url",
+        ),
+        (("https://www.youtube.com/playlist?list=PL1", "0:01", "0:02"), {}, "invalid_url"),
+        ((good, "1:75", "2:00"), {}, "invalid_time"),
+        ((good, "0:10", "0:05"), {}, "invalid_range"),
+        ((good, "0:00", "0:30"), {}, None),
+        ((good, "0:00", "0:30.04"), {}, "clip_too_long"),
+        ((good, "0:00", "0:01"), {"name": "x" * 10}, None),
+        ((good, "0:00", "0:01"), {"name": "x" * 11}, "invalid_input"),
+    ]
+    with client(create_app(settings)) as api:
+        for (url, start, end), extra, code in cases:
+            response = ask(api, url, start, end, None, **extra)
+            if code is None:
+                assert response.status_code == 202, response.text
+            else:
+                assert error_of(response) == code, (url, start, end)
+        missing = api.post("/download-a-clip-from-youtube", json={"youtube_url": good})
+        assert error_of(missing) == "invalid_input"
+        assert "start_time" in missing.json()["detail"]
+        assert api.get("/jobs/" + "0" * 32).status_code == 404
+        assert api.get("/jobs/not-a-job").status_code == 422
+
+
+@pytest.mark.parametrize(
+    ("path", "start", "end", "code"),
+    [
+        ("s60.mp4", "0:50", "1:05", "range_out_of_bounds"),
+        ("s60.mp4", "2:00", "2:10", "range_out_of_bounds"),
+        ("dash/manifest.mpd", "0:55", "1:02", "range_out_of_bounds"),
+        ("hls/master.m3u8", "0:55", "1:02", "range_out_of_bounds"),
+        ("missing.mp4", "0:01", "0:02", "source_unreachable"),
+        ("not-a-video.mp4", "0:01", "0:02", "unsupported_source"),
+    ],
+)
+def test_failures_reach_the_webhook_with_a_code(
+    media: Media, tmp_path: Path, hook: Receiver, path: str, start: str, end: str, code: str
+) -> None:
+    settings = settings_for(media, tmp_path)
+    with client(create_app(settings)) as api:
+        response = ask(api, media.url(path), start, end, hook)
+        assert response.status_code == 202
+        [delivery] = hook.wait(1)
+        view = wait_for_job(api, response.json()["job_id"])
+    assert delivery.body["status"] == "error"
+    error = delivery.body["response"]["error"]
+    assert error["code"] == code, error
+    assert "\n" not in error["message"]
+    assert view["error"] == error
+    assert not (tmp_path / "work" / response.json()["job_id"]).exists()
+
+
+def test_output_limit_timeout_and_cancel(media: Media, tmp_path: Path, hook: Receiver) -> None:
+    small = settings_for(media, tmp_path, clip_max_output_bytes=10_000)
+    with client(create_app(small)) as api:
+        job = ask(api, media.url("s60.mp4"), "0:01", "0:06").json()["job_id"]
+        assert wait_for_job(api, job)["error"]["code"] == "output_too_large"
+    slow = settings_for(media, tmp_path, clip_job_timeout_seconds=0.3)
+    with client(create_app(slow)) as api:
+        job = ask(api, media.url("s60.mp4"), "0:01", "0:50").json()["job_id"]
+        assert wait_for_job(api, job)["error"]["code"] == "job_timeout"
+        assert not (tmp_path / "work" / job).exists()
+        assert not ffmpeg_running(tmp_path)
+    with client(create_app(settings_for(media, tmp_path))) as api:
+        job = ask(api, media.url("s60.mp4"), "0:01", "0:50", hook).json()["job_id"]
+        while api.get(f"/jobs/{job}").json()["stage"] != "cutting":
+            time.sleep(0.01)
+        cancelled = api.delete(f"/jobs/{job}").json()
+        assert cancelled["status"] == "failed"
+        assert cancelled["error"]["code"] == "cancelled"
+        assert hook.wait(1)[0].body["response"]["error"]["code"] == "cancelled"
+        assert not (tmp_path / "work" / job).exists()
+        assert not ffmpeg_running(tmp_path)
+        assert api.get(f"/jobs/{job}/file").status_code == 409
+
+
+def ffmpeg_running(tmp_path: Path) -> bool:
+    """Any ffmpeg still writing into this test's work directory."""
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if str(tmp_path / "work").encode() in cmdline:
+            return True
+    return False
+
+
+def test_webhook_retries_5xx_then_delivers_with_the_same_body(
+    media: Media, tmp_path: Path, hook: Receiver
+) -> None:
+    hook.statuses = [500, 503]
+    with client(create_app(settings_for(media, tmp_path))) as api:
+        job = ask(api, media.url("s60.mp4"), "0:01", "0:02", hook).json()["job_id"]
+        deliveries = hook.wait(3)
+        time.sleep(0.3)
+        assert api.get(f"/jobs/{job}").json()["webhook"] == "delivered"
+    assert len(hook.deliveries) == 3
+    assert deliveries[0].body == deliveries[2].body
+    assert {d.headers["idempotency-key"] for d in deliveries} == {job}
+    gaps = [b.at - a.at for a, b in itertools.pairwise(deliveries)]
+    assert gaps[1] > gaps[0]
+
+
+@pytest.mark.parametrize(("status", "location"), [(400, None), (410, None), (302, "/elsewhere")])
+def test_webhook_is_not_retried_on_4xx_or_redirect(
+    media: Media, tmp_path: Path, hook: Receiver, status: int, location: str | None
+) -> None:
+    hook.statuses = [status]
+    hook.location = location
+    with client(create_app(settings_for(media, tmp_path))) as api:
+        job = ask(api, media.url("s60.mp4"), "0:01", "0:02", hook).json()["job_id"]
+        hook.wait(1)
+        deadline = time.monotonic() + 10
+        while api.get(f"/jobs/{job}").json()["webhook"] == "pending":
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert api.get(f"/jobs/{job}").json()["webhook"] == "failed"
+        time.sleep(0.3)
+    assert len(hook.deliveries) == 1
+
+
+def test_retention_removes_the_file(media: Media, tmp_path: Path) -> None:
+    settings = settings_for(media, tmp_path, clip_retention_seconds=0)
+    with client(create_app(settings)) as api:
+        job = ask(api, media.url("s60.mp4"), "0:01", "0:02").json()["job_id"]
+        while api.get(f"/jobs/{job}").status_code == 200:
+            time.sleep(0.05)
+        assert api.get(f"/jobs/{job}/file").status_code == 404
+    assert not (tmp_path / "work" / job).exists()
+
+
+def test_queue_bound_gives_503(media: Media, tmp_path: Path) -> None:
+    settings = settings_for(media, tmp_path, clip_max_queued=1, clip_concurrency=1)
+    with client(create_app(settings)) as api:
+        assert ask(api, media.url("s60.mp4"), "0:01", "0:30").status_code == 202
+        busy = ask(api, media.url("s60.mp4"), "0:01", "0:30")
+        assert busy.status_code == 503
+        assert busy.json()["error"]["code"] == "queue_full"
