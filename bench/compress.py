@@ -528,7 +528,8 @@ def _http(plan: Plan, source: bytes) -> Http:
                 phases = ("bare", "one", "two")
                 for round_ in range(plan.http_rounds):
                     rates: dict[str, float] = {}
-                    for phase in phases[round_:] + phases[:round_]:
+                    shift = round_ % len(phases)
+                    for phase in phases[shift:] + phases[:shift]:
                         _log(f"4. round {round_ + 1}: {phase}")
                         if phase == "bare":
                             rate, data = _bare_rate(source, plan.http_requests)
