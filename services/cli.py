@@ -11,9 +11,13 @@ from pathlib import Path
 
 import uvicorn
 from fastapi import FastAPI
+from pydantic_settings import BaseSettings
 
 from services.clip.app import create_app as create_clip_app
+from services.clip.settings import ClipSettings
+from services.common.settings import CommonSettings
 from services.compress.app import create_app as create_compress_app
+from services.compress.settings import CompressSettings
 
 
 @dataclass(frozen=True)
@@ -52,6 +56,27 @@ def write_openapi(directory: Path) -> list[Path]:
     return written
 
 
+def settings_table() -> str:
+    """The Markdown table of every setting, as the README shows it."""
+    rows = ["| variable | service | default | what it does |", "|---|---|---|---|"]
+    owners: list[tuple[str, type[BaseSettings], set[str]]] = [
+        ("both", CommonSettings, set()),
+        ("clip", ClipSettings, set(CommonSettings.model_fields)),
+        ("compress", CompressSettings, set(CommonSettings.model_fields)),
+    ]
+    for owner, cls, inherited in owners:
+        for name, field in cls.model_fields.items():
+            if name in inherited:
+                continue
+            default = None if field.default_factory is not None else field.default
+            if isinstance(default, frozenset):
+                default = ",".join(sorted(default))
+            shown = "" if default is None else f"`{default}`"
+            env = f"`HERMES_{name.upper()}`"
+            rows.append(f"| {env} | {owner} | {shown} | {field.description} |")
+    return "\n".join(rows) + "\n"
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="hermes-media", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -63,8 +88,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         serve.add_argument(f"--{service.name}-port", type=int, default=service.default_port)
     openapi = commands.add_parser("openapi", help="Write openapi/<service>.json.")
     openapi.add_argument("--out", type=Path, default=Path("openapi"))
+    commands.add_parser("settings", help="Print the table of settings (Markdown).")
     args = parser.parse_args(argv)
 
+    if args.command == "settings":
+        print(settings_table(), end="")
+        return
     if args.command == "openapi":
         for path in write_openapi(args.out):
             print(path)

@@ -32,7 +32,9 @@ from tests.support.rangeserver import RangeServer
 
 pillow_heif.register_heif_opener()
 
-LIMITS = CompressSettings(max_input_bytes=3_000_000, max_pixels=2_000_000, max_frames=50)
+LIMITS = CompressSettings(
+    compress_max_input_bytes=3_000_000, compress_max_pixels=2_000_000, compress_max_frames=50
+)
 LOSSLESS = {"palette.bmp", "icon.ico", "photo.tiff", "pages.tiff"}
 
 
@@ -46,7 +48,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[RangeServe
 
 @pytest.fixture(scope="module")
 def api() -> Iterator[httpx.Client]:
-    settings = LIMITS.model_copy(update={"allow_private_networks": True, "workers": 2})
+    settings = LIMITS.model_copy(update={"allow_private_networks": True, "compress_workers": 2})
     with client(create_app(settings)) as http:
         yield http
 
@@ -251,7 +253,7 @@ def test_missing_file_is_422(api: httpx.Client) -> None:
 
 
 def test_input_bytes_at_and_past_the_limit(api: httpx.Client, tmp_path: Path) -> None:
-    limit = LIMITS.max_input_bytes
+    limit = LIMITS.compress_max_input_bytes
     base = encode(Image.new("RGB", (16, 16), (10, 20, 30)), "BMP")
     at_limit = base + b"\x00" * (limit - len(base))
     (tmp_path / "at.bmp").write_bytes(at_limit)
@@ -265,8 +267,8 @@ def test_input_bytes_at_and_past_the_limit(api: httpx.Client, tmp_path: Path) ->
 
 def test_pixels_at_and_past_the_limit(api: httpx.Client) -> None:
     width = 2000
-    at_limit = encode(Image.new("L", (width, LIMITS.max_pixels // width)), "PNG")
-    past = encode(Image.new("L", (width, LIMITS.max_pixels // width + 1)), "PNG")
+    at_limit = encode(Image.new("L", (width, LIMITS.compress_max_pixels // width)), "PNG")
+    past = encode(Image.new("L", (width, LIMITS.compress_max_pixels // width + 1)), "PNG")
     assert upload(api, at_limit).status_code == 200
     error(upload(api, past), 413, "payload_too_large")
 
@@ -278,7 +280,7 @@ def test_pixel_bomb_is_refused_from_the_header(api: httpx.Client) -> None:
 
 
 def test_frames_at_and_past_the_limit(api: httpx.Client) -> None:
-    limit = LIMITS.max_frames
+    limit = LIMITS.compress_max_frames
     frames = [Image.new("L", (8, 8), index * 4) for index in range(limit + 1)]
 
     def gif(count: int) -> bytes:
@@ -291,7 +293,7 @@ def test_frames_at_and_past_the_limit(api: httpx.Client) -> None:
 
 def test_private_address_refused_by_default(files: tuple[RangeServer, Path]) -> None:
     server, _ = files
-    with client(create_app(CompressSettings(workers=1))) as api:
+    with client(create_app(CompressSettings(compress_workers=1))) as api:
         detail = error(post(api, server.url("photo.jpg")), 422, "address_refused")
     assert "private" in detail
 
@@ -314,7 +316,9 @@ class _Hang(BaseHTTPRequestHandler):
 def test_fetch_timeout_is_422() -> None:
     hang = ThreadingHTTPServer(("127.0.0.1", 0), _Hang)
     threading.Thread(target=hang.serve_forever, daemon=True).start()
-    settings = CompressSettings(allow_private_networks=True, fetch_timeout_seconds=0.5, workers=1)
+    settings = CompressSettings(
+        allow_private_networks=True, fetch_timeout_seconds=0.5, compress_workers=1
+    )
     try:
         with client(create_app(settings)) as api:
             url = f"http://127.0.0.1:{hang.server_address[1]}/x.png"
@@ -326,7 +330,9 @@ def test_fetch_timeout_is_422() -> None:
 
 
 def test_request_body_limit(files: tuple[RangeServer, Path]) -> None:
-    settings = CompressSettings(allow_private_networks=True, max_request_bytes=10_000, workers=1)
+    settings = CompressSettings(
+        allow_private_networks=True, max_request_bytes=10_000, compress_workers=1
+    )
     with client(create_app(settings)) as api:
         error(upload(api, b"\x00" * 10_001), 413, "payload_too_large")
         assert upload(api, b"\x00" * 9_000).status_code == 415

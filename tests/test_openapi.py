@@ -1,4 +1,4 @@
-"""The committed specs are exactly what the apps generate (``hermes-media openapi``)."""
+"""What is generated stays true: the committed specs and the README's settings table."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from services.cli import SERVICES, write_openapi
+from services.cli import SERVICES, settings_table, write_openapi
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -37,3 +37,20 @@ def test_compress_route_carries_the_ouro_annotations() -> None:
     assert operation["responses"]["422"]["content"]["application/json"]["schema"] == {
         "$ref": "#/components/schemas/ErrorBody"
     }
+
+
+def test_readme_configuration_table_is_current() -> None:
+    readme = (ROOT / "README.md").read_text()
+    start = readme.index("<!-- settings:start -->\n") + len("<!-- settings:start -->\n")
+    end = readme.index("<!-- settings:end -->")
+    assert readme[start:end] == settings_table(), "run `hermes-media settings` into the README"
+
+
+def test_readme_opens_with_the_two_commands() -> None:
+    lines = (ROOT / "README.md").read_text().splitlines()
+    assert lines[2:6] == [
+        "```sh",
+        "make run    # start both services: clip on 127.0.0.1:8001, compress on 127.0.0.1:8002",
+        "make test   # ruff, mypy and the whole test suite",
+        "```",
+    ]

@@ -53,8 +53,11 @@ class ClipSettings(CommonSettings):
         ),
     )
     clip_work_dir: Path = Field(
-        default=Path(tempfile.gettempdir()) / "hermes-clip",
-        description="Where each job's own directory of temporary files is made.",
+        default_factory=lambda: Path(tempfile.gettempdir()) / "hermes-clip",
+        description=(
+            "Where each job's own directory of temporary files is made "
+            "(default: hermes-clip in the system's temporary directory)."
+        ),
     )
     clip_max_range_bytes: int = Field(
         default=10 * 1024 * 1024,

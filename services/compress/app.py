@@ -69,7 +69,7 @@ def _filename(asset: InputFileAsset, compressed: Compressed) -> str:
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: CompressSettings = app.state.settings
-    pool = CodecPool(settings.workers)
+    pool = CodecPool(settings.compress_workers)
     client = GuardedClient(
         allow_private=settings.allow_private_networks,
         timeout=settings.fetch_timeout_seconds,
@@ -93,7 +93,9 @@ def create_app(settings: CompressSettings | None = None) -> FastAPI:
         lifespan=_lifespan,
     )
     app.state.settings = settings
-    limits = Limits(max_pixels=settings.max_pixels, max_frames=settings.max_frames)
+    limits = Limits(
+        max_pixels=settings.compress_max_pixels, max_frames=settings.compress_max_frames
+    )
 
     async def run(request: Request, data: bytes, quality: int, strip: bool) -> Compressed:
         pool: CodecPool = request.app.state.pool
@@ -120,7 +122,7 @@ def create_app(settings: CompressSettings | None = None) -> FastAPI:
     )
     async def compress_an_image(body: CompressRequest, request: Request) -> CompressResponse:
         client: GuardedClient = request.app.state.client
-        data = await client.fetch_bytes(body.file.url, max_bytes=settings.max_input_bytes)
+        data = await client.fetch_bytes(body.file.url, max_bytes=settings.compress_max_input_bytes)
         result = await run(request, data, body.quality, body.strip_metadata)
         filename = _filename(body.file, result)
         return CompressResponse(
@@ -165,10 +167,10 @@ def create_app(settings: CompressSettings | None = None) -> FastAPI:
         quality: Annotated[int, Form(ge=1, le=100, description=QUALITY_DESCRIPTION)] = 85,
         strip_metadata: Annotated[bool, Form(description="Drop EXIF, XMP, comments.")] = False,
     ) -> Response:
-        data = await file.read(settings.max_input_bytes + 1)
-        if len(data) > settings.max_input_bytes:
+        data = await file.read(settings.compress_max_input_bytes + 1)
+        if len(data) > settings.compress_max_input_bytes:
             raise PayloadTooLarge(
-                f"The file is larger than the limit of {settings.max_input_bytes} bytes."
+                f"The file is larger than the limit of {settings.compress_max_input_bytes} bytes."
             )
         result = await run(request, data, quality, strip_metadata)
         filename = file.filename or f"image.{result.format.extension}"

@@ -8,22 +8,22 @@ from services.common.settings import CommonSettings
 
 
 class CompressSettings(CommonSettings):
-    max_input_bytes: int = Field(
+    compress_max_input_bytes: int = Field(
         default=50 * 1024 * 1024,
         gt=0,
         description="Largest image accepted, fetched or uploaded (413 past it).",
     )
-    max_pixels: int = Field(
+    compress_max_pixels: int = Field(
         default=100_000_000,
         gt=0,
         description=(
             "Largest width x height x frames, checked from the header before decoding (413)."
         ),
     )
-    max_frames: int = Field(
+    compress_max_frames: int = Field(
         default=1000, gt=0, description="Most animation frames accepted (413 past it)."
     )
-    workers: int = Field(
+    compress_workers: int = Field(
         default=0,
         ge=0,
         description="Processes that decode and encode images; 0 means one per CPU core.",
