@@ -39,7 +39,21 @@ def media_root() -> Path:
     make_dash(MEDIA_CACHE / "dash", source)
     make_hls(MEDIA_CACHE / "hls", source)
     (MEDIA_CACHE / "not-a-video.mp4").write_bytes(b"this is not a video file at all" * 100)
+    _live_copy(MEDIA_CACHE / "hls", MEDIA_CACHE / "live")
     return MEDIA_CACHE
+
+
+def _live_copy(hls: Path, live: Path) -> None:
+    """The HLS rendition as a live stream: no end marker, segments taken from the VOD."""
+    live.mkdir(exist_ok=True)
+    (live / "master.m3u8").write_text((hls / "master.m3u8").read_text())
+    lines = (hls / "playlist.m3u8").read_text().splitlines()
+    kept = [
+        f"../hls/{line}" if line.endswith(".ts") else line
+        for line in lines
+        if line not in ("#EXT-X-ENDLIST", "#EXT-X-PLAYLIST-TYPE:VOD")
+    ]
+    (live / "playlist.m3u8").write_text("\n".join(kept) + "\n")
 
 
 @pytest.fixture

@@ -227,6 +227,7 @@ def test_bad_requests_are_refused_before_the_202(media: Media, tmp_path: Path) -
         ("hls/master.m3u8", "0:55", "1:02", "range_out_of_bounds"),
         ("missing.mp4", "0:01", "0:02", "source_unreachable"),
         ("not-a-video.mp4", "0:01", "0:02", "unsupported_source"),
+        ("live/master.m3u8", "0:01", "0:02", "live_not_supported"),
     ],
 )
 def test_failures_reach_the_webhook_with_a_code(
@@ -335,3 +336,21 @@ def test_queue_bound_gives_503(media: Media, tmp_path: Path) -> None:
         busy = ask(api, media.url("s60.mp4"), "0:01", "0:30")
         assert busy.status_code == 503
         assert busy.json()["error"]["code"] == "queue_full"
+
+
+def test_ouro_authentication(media: Media, tmp_path: Path) -> None:
+    settings = settings_for(media, tmp_path, ouro_service_secret="s3cret")
+    with client(create_app(settings)) as api:
+        url = media.url("s60.mp4")
+        assert ask(api, url, "0:01", "0:02").status_code == 401
+        wrong = {"authorization": "Basic s3cre"}
+        body = {"youtube_url": url, "start_time": "0:01", "end_time": "0:02"}
+        denied = api.post("/download-a-clip-from-youtube", json=body, headers=wrong)
+        assert denied.status_code == 401
+        assert denied.json()["error"]["code"] == "unauthorized"
+        right = {"authorization": "Basic s3cret"}
+        assert (
+            api.post("/download-a-clip-from-youtube", json=body, headers=right).status_code == 202
+        )
+        assert api.get("/openapi.json").status_code == 200
+        assert api.get("/healthz").status_code == 200
