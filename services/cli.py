@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,7 @@ from fastapi import FastAPI
 from pydantic_settings import BaseSettings
 
 from services.clip.app import create_app as create_clip_app
+from services.clip.distributed import run_worker
 from services.clip.settings import ClipSettings
 from services.common.settings import CommonSettings
 from services.compress.app import create_app as create_compress_app
@@ -56,6 +58,14 @@ def write_openapi(directory: Path) -> list[Path]:
     return written
 
 
+def _run_worker() -> None:
+    settings = ClipSettings()
+    if not settings.redis_url:
+        raise SystemExit("hermes-media worker needs HERMES_REDIS_URL")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    asyncio.run(run_worker(settings))
+
+
 def settings_table() -> str:
     """The Markdown table of every setting, as the README shows it."""
     rows = ["| variable | service | default | what it does |", "|---|---|---|---|"]
@@ -89,8 +99,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     openapi = commands.add_parser("openapi", help="Write openapi/<service>.json.")
     openapi.add_argument("--out", type=Path, default=Path("openapi"))
     commands.add_parser("settings", help="Print the table of settings (Markdown).")
+    commands.add_parser("worker", help="Run an arq worker for clip jobs (needs HERMES_REDIS_URL).")
     args = parser.parse_args(argv)
 
+    if args.command == "worker":
+        _run_worker()
+        return
     if args.command == "settings":
         print(settings_table(), end="")
         return

@@ -296,7 +296,7 @@ def test_webhook_retries_5xx_then_delivers_with_the_same_body(
         assert api.get(f"/jobs/{job}").json()["webhook"] == "delivered"
     assert len(hook.deliveries) == 3
     assert deliveries[0].body == deliveries[2].body
-    assert {d.headers["idempotency-key"] for d in deliveries} == {job}
+    assert {d.headers["webhook-id"] for d in deliveries} == {job}
     gaps = [b.at - a.at for a, b in itertools.pairwise(deliveries)]
     assert gaps[1] > gaps[0]
 

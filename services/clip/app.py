@@ -10,17 +10,23 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated
 
-from fastapi import APIRouter, FastAPI, Path, Request
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi import APIRouter, FastAPI, Header, Path, Request
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 
-from services.clip.delivery import WebhookSender
-from services.clip.jobs import ClipFacts, EmbeddedQueue, Job, JobStatus, JobView
+from services.clip.delivery import webhook_client, webhook_sender
+from services.clip.distributed import ArqQueue
+from services.clip.jobs import (
+    ClipFacts,
+    ClipQueue,
+    EmbeddedQueue,
+    JobView,
+    remove_stale_directories,
+)
 from services.clip.request import build_spec
 from services.clip.settings import ClipSettings
 from services.common.asgi import create_base_app
-from services.common.errors import ErrorDetail, HermesError, NotFound, error_responses
-from services.common.http import GuardedClient
+from services.common.errors import ErrorDetail, NotFound, error_responses
 from services.common.ouro import OuroHeaders, OutputFile
 
 ROUTE = "/download-a-clip-from-youtube"
@@ -71,11 +77,6 @@ class ClipWebhook(BaseModel):
     response: ClipSuccess | ClipError
 
 
-class JobNotReady(HermesError):
-    status_code = 409
-    code = "job_not_ready"
-
-
 webhooks = APIRouter()
 
 
@@ -87,23 +88,21 @@ def job_result(body: ClipWebhook) -> None:
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: ClipSettings = app.state.settings
-    client = GuardedClient(
-        allow_private=settings.allow_private_networks,
-        timeout=settings.webhook_timeout_seconds,
-        max_redirects=0,
-    )
-    sender = WebhookSender(
-        client,
-        attempts=settings.webhook_attempts,
-        backoff_seconds=settings.webhook_backoff_seconds,
-        timeout=settings.webhook_timeout_seconds,
-    )
-    app.state.queue = EmbeddedQueue(settings, sender)
+    queue: ClipQueue
+    if settings.redis_url:
+        queue = await ArqQueue.connect(settings)
+        client = None
+    else:
+        remove_stale_directories(settings.clip_work_dir)
+        client = webhook_client(settings)
+        queue = EmbeddedQueue(settings, webhook_sender(settings, client))
+    app.state.queue = queue
     try:
         yield
     finally:
-        await app.state.queue.close()
-        await client.aclose()
+        await queue.close()
+        if client is not None:
+            await client.aclose()
 
 
 def create_app(settings: ClipSettings | None = None) -> FastAPI:
@@ -116,15 +115,12 @@ def create_app(settings: ClipSettings | None = None) -> FastAPI:
     )
     app.state.settings = settings
 
-    def queue(request: Request) -> EmbeddedQueue:
-        found: EmbeddedQueue = request.app.state.queue
+    def queue(request: Request) -> ClipQueue:
+        found: ClipQueue = request.app.state.queue
         return found
 
-    def job_or_404(request: Request, job_id: str) -> Job:
-        job = queue(request).get(job_id)
-        if job is None:
-            raise NotFound("No such job; finished jobs are kept for a limited time.")
-        return job
+    def missing() -> NotFound:
+        return NotFound("No such job; finished jobs are kept for a limited time.")
 
     @app.post(
         ROUTE,
@@ -148,7 +144,17 @@ def create_app(settings: ClipSettings | None = None) -> FastAPI:
             "x-ouro-execution-mode": "async",
         },
     )
-    async def download_a_clip(body: ClipRequest, request: Request) -> JSONResponse:
+    async def download_a_clip(
+        body: ClipRequest,
+        request: Request,
+        idempotency_key: Annotated[
+            str | None,
+            Header(
+                max_length=200,
+                description="Direct callers: a repeated key returns the first job, runs nothing.",
+            ),
+        ] = None,
+    ) -> JSONResponse:
         spec = build_spec(
             youtube_url=body.youtube_url,
             start_time=body.start_time,
@@ -158,7 +164,11 @@ def create_app(settings: ClipSettings | None = None) -> FastAPI:
             max_seconds=settings.clip_max_seconds,
             max_name_length=settings.clip_name_max_length,
         )
-        view = await queue(request).submit(spec, OuroHeaders.from_request(request))
+        ouro = OuroHeaders.from_request(request)
+        key = f"action:{ouro.action_id}" if ouro.action_id else None
+        if key is None and idempotency_key:
+            key = f"key:{idempotency_key}"
+        view = await queue(request).submit(spec, ouro, key)
         return JSONResponse(
             Accepted(job_id=view.job_id).model_dump(),
             status_code=202,
@@ -172,22 +182,29 @@ def create_app(settings: ClipSettings | None = None) -> FastAPI:
         responses=error_responses(401, 404, 422),
     )
     async def read_job(job_id: JobId, request: Request) -> JobView:
-        return job_or_404(request, job_id).view()
+        view = await queue(request).get(job_id)
+        if view is None:
+            raise missing()
+        return view
 
     @app.get(
         "/jobs/{job_id}/file",
         summary="Download a finished clip",
-        response_class=FileResponse,
+        response_class=Response,
         responses={
             200: {"content": {"video/mp4": {"schema": {"type": "string", "format": "binary"}}}},
             **error_responses(401, 404, 409, 422),
         },
     )
-    async def read_job_file(job_id: JobId, request: Request) -> FileResponse:
-        job = job_or_404(request, job_id)
-        if job.status is not JobStatus.succeeded or job.file is None or job.result is None:
-            raise JobNotReady(f"The job is {job.status.value}; the file exists once it succeeds.")
-        return FileResponse(job.file, media_type="video/mp4", filename=job.result.filename)
+    async def read_job_file(job_id: JobId, request: Request) -> Response:
+        found = await queue(request).file(job_id)
+        if found is None:
+            raise missing()
+        return Response(
+            found.data,
+            media_type="video/mp4",
+            headers={"content-disposition": f'attachment; filename="{found.filename}"'},
+        )
 
     @app.delete(
         "/jobs/{job_id}",
@@ -196,9 +213,9 @@ def create_app(settings: ClipSettings | None = None) -> FastAPI:
         responses=error_responses(401, 404, 422),
     )
     async def cancel_job(job_id: JobId, request: Request) -> JobView:
-        job_or_404(request, job_id)
-        job = await queue(request).cancel(job_id)
-        assert job is not None
-        return job.view()
+        view = await queue(request).cancel(job_id)
+        if view is None:
+            raise missing()
+        return view
 
     return app

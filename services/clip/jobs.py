@@ -1,23 +1,24 @@
-"""Clip jobs: their public state, the result handed to Ouro, and the embedded queue.
+"""Clip jobs: their public state, the result handed to Ouro, running one, and the queues.
 
-The embedded queue runs jobs as asyncio tasks in the API process, at most
-``clip_concurrency`` at once, each within ``clip_job_timeout_seconds``. Every job works in its
-own directory, removed when the job fails, times out or is cancelled, and when its result is
-no longer kept.
+``ClipQueue`` is what the API needs of a queue. ``EmbeddedQueue`` (this module) runs jobs as
+asyncio tasks inside the API process, the default; ``distributed.ArqQueue`` runs them on arq
+workers sharing a Redis. Both run a job through ``run_job``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
 import shutil
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from pydantic import BaseModel, Field
 
@@ -30,6 +31,7 @@ from services.common.errors import ErrorDetail, HermesError, Unavailable
 from services.common.ouro import OuroHeaders, OutputFile, WebhookBody
 
 logger = logging.getLogger(__name__)
+LOCK_FILE = ".lock"
 
 
 class JobStatus(StrEnum):
@@ -72,9 +74,14 @@ class JobView(BaseModel):
     created_at: float
     started_at: float | None = None
     finished_at: float | None = None
+    tries: int = Field(default=0, description="Runs so far; transient failures are retried.")
     error: ErrorDetail | None = None
     result: ClipFacts | None = None
-    webhook: WebhookState
+    webhook: WebhookState = WebhookState.none
+
+    @property
+    def finished(self) -> bool:
+        return self.status in (JobStatus.succeeded, JobStatus.failed)
 
 
 class JobTimeout(ClipFailed):
@@ -89,36 +96,31 @@ class QueueFull(Unavailable):
     code = "queue_full"
 
 
-@dataclass
-class Job:
-    spec: ClipSpec
-    ouro: OuroHeaders
-    job_id: str = field(default_factory=lambda: uuid.uuid4().hex)
-    status: JobStatus = JobStatus.queued
-    progress: float = 0.0
-    stage: str = "queued"
-    created_at: float = field(default_factory=time.time)
-    started_at: float | None = None
-    finished_at: float | None = None
-    error: ErrorDetail | None = None
-    result: ClipFacts | None = None
-    file: Path | None = None
-    webhook: WebhookState = WebhookState.none
-    task: asyncio.Task[None] | None = None
+class JobNotReady(HermesError):
+    status_code = 409
+    code = "job_not_ready"
 
-    def view(self) -> JobView:
-        return JobView(
-            job_id=self.job_id,
-            status=self.status,
-            progress=round(self.progress, 4),
-            stage=self.stage,
-            created_at=self.created_at,
-            started_at=self.started_at,
-            finished_at=self.finished_at,
-            error=self.error,
-            result=self.result,
-            webhook=self.webhook,
-        )
+
+@dataclass(frozen=True)
+class JobFile:
+    filename: str
+    data: bytes
+
+
+class ClipQueue(Protocol):
+    async def submit(self, spec: ClipSpec, ouro: OuroHeaders, key: str | None) -> JobView: ...
+
+    async def get(self, job_id: str) -> JobView | None: ...
+
+    async def file(self, job_id: str) -> JobFile | None: ...
+
+    async def cancel(self, job_id: str) -> JobView | None: ...
+
+    async def close(self) -> None: ...
+
+
+def new_job_id() -> str:
+    return uuid.uuid4().hex
 
 
 def facts_of(spec: ClipSpec, result: ClipResult) -> ClipFacts:
@@ -147,7 +149,7 @@ def success_response(facts: ClipFacts, data: bytes) -> dict[str, Any]:
 
 
 def webhook_body(
-    settings: ClipSettings, ouro: OuroHeaders, response: dict[str, Any], ok: bool
+    settings: ClipSettings, ouro: OuroHeaders, response: dict[str, Any], *, ok: bool
 ) -> dict[str, Any]:
     status = settings.webhook_success_status if ok else settings.webhook_error_status
     body = WebhookBody(
@@ -159,115 +161,200 @@ def webhook_body(
     return body.model_dump()
 
 
+def error_response(error: HermesError) -> dict[str, Any]:
+    return {"error": {"code": error.code, "message": error.message}}
+
+
+@contextlib.contextmanager
+def job_directory(root: Path, job_id: str) -> Iterator[Path]:
+    """The job's own directory, locked while the job runs so a restart can tell it is alive."""
+    directory = root / job_id
+    directory.mkdir(parents=True, exist_ok=True)
+    with (directory / LOCK_FILE).open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield directory
+
+
+def remove_stale_directories(root: Path) -> list[str]:
+    """Remove job directories no running process holds the lock of (dead jobs' leftovers)."""
+    removed: list[str] = []
+    if not root.exists():
+        return removed
+    for directory in root.iterdir():
+        lock_path = directory / LOCK_FILE
+        if not directory.is_dir():
+            continue
+        try:
+            with lock_path.open("a") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue
+        except OSError:
+            pass
+        shutil.rmtree(directory, ignore_errors=True)
+        removed.append(directory.name)
+    return removed
+
+
+async def run_job(
+    spec: ClipSpec, workdir: Path, settings: ClipSettings, report: Callable[[str, float], None]
+) -> tuple[ClipFacts, bytes]:
+    """One run of a clip job, within the job time limit; the MP4's bytes and its facts."""
+    try:
+        async with asyncio.timeout(settings.clip_job_timeout_seconds):
+            result = await make_clip(spec, workdir, settings, report)
+    except TimeoutError as exc:
+        raise JobTimeout(
+            f"The job took longer than {settings.clip_job_timeout_seconds:g} s."
+        ) from exc
+    data = await asyncio.to_thread(result.path.read_bytes)
+    return facts_of(spec, result), data
+
+
+@dataclass
+class _Job:
+    view: JobView
+    spec: ClipSpec
+    ouro: OuroHeaders
+    file: Path | None = None
+    task: asyncio.Task[None] | None = None
+    delivery: asyncio.Task[None] | None = None
+
+
+@dataclass
 class EmbeddedQueue:
     """Runs clip jobs inside the API process; the default when no Redis is configured."""
 
-    def __init__(self, settings: ClipSettings, sender: WebhookSender) -> None:
-        self.settings = settings
-        self._sender = sender
-        self._jobs: dict[str, Job] = {}
-        self._slots = asyncio.Semaphore(settings.clip_concurrency)
+    settings: ClipSettings
+    sender: WebhookSender
+    _jobs: dict[str, _Job] = field(default_factory=dict)
+    _keys: dict[str, str] = field(default_factory=dict)
+    _slots: asyncio.Semaphore = field(init=False)
 
-    async def submit(self, spec: ClipSpec, ouro: OuroHeaders) -> JobView:
+    def __post_init__(self) -> None:
+        self._slots = asyncio.Semaphore(self.settings.clip_concurrency)
+
+    async def submit(self, spec: ClipSpec, ouro: OuroHeaders, key: str | None) -> JobView:
         self._expire()
-        active = sum(1 for j in self._jobs.values() if j.finished_at is None)
+        if key is not None and (existing := self._keys.get(key)) in self._jobs:
+            return self._jobs[existing].view
+        active = sum(1 for j in self._jobs.values() if not j.view.finished)
         if active >= self.settings.clip_max_queued:
-            raise QueueFull(
-                f"{active} clip jobs are already waiting or running; try again shortly."
-            )
-        job = Job(spec=spec, ouro=ouro)
-        self._jobs[job.job_id] = job
-        job.task = asyncio.create_task(self._run(job), name=f"clip-{job.job_id}")
-        logger.info("job %s accepted (action %s)", job.job_id, ouro.action_id)
-        return job.view()
+            raise QueueFull(f"{active} clip jobs are already waiting or running; try again soon.")
+        view = JobView(
+            job_id=new_job_id(), status=JobStatus.queued, progress=0, stage="queued",
+            created_at=time.time(),
+        )  # fmt: skip
+        job = _Job(view=view, spec=spec, ouro=ouro)
+        self._jobs[view.job_id] = job
+        if key is not None:
+            self._keys[key] = view.job_id
+        job.task = asyncio.create_task(self._run(job), name=f"clip-{view.job_id}")
+        logger.info("job %s accepted (action %s)", view.job_id, ouro.action_id)
+        return view
 
-    def get(self, job_id: str) -> Job | None:
+    async def get(self, job_id: str) -> JobView | None:
         self._expire()
-        return self._jobs.get(job_id)
+        job = self._jobs.get(job_id)
+        return job.view if job is not None else None
 
-    async def cancel(self, job_id: str) -> Job | None:
-        job = self.get(job_id)
-        if job is not None and job.task is not None and job.finished_at is None:
+    async def file(self, job_id: str) -> JobFile | None:
+        self._expire()
+        job = self._jobs.get(job_id)
+        if job is None:
+            return None
+        if job.file is None or job.view.result is None:
+            raise JobNotReady(
+                f"The job is {job.view.status.value}; its file exists once it succeeds."
+            )
+        data = await asyncio.to_thread(job.file.read_bytes)
+        return JobFile(filename=job.view.result.filename, data=data)
+
+    async def cancel(self, job_id: str) -> JobView | None:
+        job = self._jobs.get(job_id)
+        if job is not None and job.task is not None and not job.task.done():
             job.task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await job.task
-        return job
+        return job.view if job is not None else None
 
     async def close(self) -> None:
         """Cancel running jobs; their error webhooks get a few seconds to go out."""
-        tasks = [j.task for j in self._jobs.values() if j.task is not None and not j.task.done()]
-        for task in tasks:
-            task.cancel()
-        _, late = await asyncio.wait(tasks, timeout=5) if tasks else (set(), set())
-        for task in late:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
         for job in self._jobs.values():
-            shutil.rmtree(self._dir(job), ignore_errors=True)
-
-    def _dir(self, job: Job) -> Path:
-        return self.settings.clip_work_dir / job.job_id
+            if job.task is not None and not job.task.done():
+                job.task.cancel()
+        tasks = [t for j in self._jobs.values() for t in (j.task, j.delivery) if t is not None]
+        if tasks:
+            _, late = await asyncio.wait(tasks, timeout=5)
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        for job_id in self._jobs:
+            shutil.rmtree(self.settings.clip_work_dir / job_id, ignore_errors=True)
 
     def _expire(self) -> None:
         cutoff = time.time() - self.settings.clip_retention_seconds
         for job_id, job in list(self._jobs.items()):
-            if job.finished_at is not None and job.finished_at < cutoff:
-                shutil.rmtree(self._dir(job), ignore_errors=True)
+            done = job.view.finished and (job.delivery is None or job.delivery.done())
+            if done and job.view.finished_at is not None and job.view.finished_at < cutoff:
+                shutil.rmtree(self.settings.clip_work_dir / job_id, ignore_errors=True)
                 del self._jobs[job_id]
+        self._keys = {k: v for k, v in self._keys.items() if v in self._jobs}
 
-    async def _run(self, job: Job) -> None:
-        response: dict[str, Any]
+    async def _run(self, job: _Job) -> None:
+        view = job.view
         try:
             async with self._slots:
-                response = await self._work(job)
-                ok = True
+                view.status, view.started_at, view.tries = JobStatus.running, time.time(), 1
+                response, ok = await self._work(job), True
         except HermesError as exc:
             response, ok = self._fail(job, exc), False
         except asyncio.CancelledError:
             response = self._fail(job, Cancelled("The job was cancelled before it finished."))
-            if job.ouro.webhook_url:
-                await self._deliver(job, webhook_body(self.settings, job.ouro, response, False))
+            self._deliver(job, webhook_body(self.settings, job.ouro, response, ok=False))
             raise
         except Exception:
-            logger.exception("job %s failed unexpectedly", job.job_id)
+            logger.exception("job %s failed unexpectedly", view.job_id)
             error = ClipFailed("The clip could not be made; the failure has been logged.")
             response, ok = self._fail(job, error), False
-        if job.ouro.webhook_url:
-            await self._deliver(job, webhook_body(self.settings, job.ouro, response, ok))
+        self._deliver(job, webhook_body(self.settings, job.ouro, response, ok=ok))
 
-    async def _work(self, job: Job) -> dict[str, Any]:
-        job.status, job.started_at, job.stage = JobStatus.running, time.time(), "starting"
-        workdir = self._dir(job)
-        workdir.mkdir(parents=True, exist_ok=True)
+    async def _work(self, job: _Job) -> dict[str, Any]:
+        view = job.view
 
         def report(stage: str, progress: float) -> None:
-            job.stage, job.progress = stage, max(job.progress, progress)
+            view.stage, view.progress = stage, max(view.progress, round(progress, 4))
 
-        try:
-            async with asyncio.timeout(self.settings.clip_job_timeout_seconds):
-                result = await make_clip(job.spec, workdir, self.settings, report)
-        except TimeoutError as exc:
-            raise JobTimeout(
-                f"The job took longer than {self.settings.clip_job_timeout_seconds:g} s."
-            ) from exc
-        facts = facts_of(job.spec, result)
-        data = await asyncio.to_thread(result.path.read_bytes)
-        job.status, job.finished_at, job.progress = JobStatus.succeeded, time.time(), 1.0
-        job.stage, job.result, job.file = "done", facts, result.path
-        logger.info("job %s succeeded: %d bytes", job.job_id, facts.bytes)
+        with job_directory(self.settings.clip_work_dir, view.job_id) as workdir:
+            facts, data = await run_job(job.spec, workdir, self.settings, report)
+            for leftover in workdir.iterdir():
+                if leftover.name not in (LOCK_FILE, "clip.mp4"):
+                    leftover.unlink()
+            job.file = workdir / "clip.mp4"
+        view.status, view.finished_at, view.progress = JobStatus.succeeded, time.time(), 1.0
+        view.stage, view.result = "done", facts
+        logger.info("job %s succeeded: %d bytes", view.job_id, facts.bytes)
         return success_response(facts, data)
 
-    def _fail(self, job: Job, error: HermesError) -> dict[str, Any]:
-        shutil.rmtree(self._dir(job), ignore_errors=True)
-        job.status, job.finished_at, job.stage = JobStatus.failed, time.time(), "failed"
-        job.error = ErrorDetail(code=error.code, message=error.message)
-        logger.info("job %s failed: %s", job.job_id, error.code)
-        return {"error": job.error.model_dump()}
+    def _fail(self, job: _Job, error: HermesError) -> dict[str, Any]:
+        shutil.rmtree(self.settings.clip_work_dir / job.view.job_id, ignore_errors=True)
+        view = job.view
+        view.status, view.finished_at, view.stage = JobStatus.failed, time.time(), "failed"
+        view.error = ErrorDetail(code=error.code, message=error.message)
+        logger.info("job %s failed: %s", view.job_id, error.code)
+        return error_response(error)
 
-    async def _deliver(self, job: Job, body: dict[str, Any]) -> None:
-        assert job.ouro.webhook_url is not None
-        job.webhook = WebhookState.pending
-        delivered = await self._sender.deliver(
-            job.ouro.webhook_url, body, token=job.ouro.webhook_token, job_id=job.job_id
-        )
-        job.webhook = WebhookState.delivered if delivered else WebhookState.failed
+    def _deliver(self, job: _Job, body: dict[str, Any]) -> None:
+        """Delivery runs beside the job, so a slow receiver never holds a job slot."""
+        url = job.ouro.webhook_url
+        if url is None:
+            return
+        job.view.webhook = WebhookState.pending
+
+        async def deliver() -> None:
+            delivered = await self.sender.deliver(
+                url, body, token=job.ouro.webhook_token, delivery_id=job.view.job_id
+            )
+            job.view.webhook = WebhookState.delivered if delivered else WebhookState.failed
+
+        job.delivery = asyncio.create_task(deliver(), name=f"webhook-{job.view.job_id}")

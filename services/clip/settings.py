@@ -81,11 +81,19 @@ class ClipSettings(CommonSettings):
         default=None,
         description="Proxy URL for yt-dlp's requests (e.g. when this host's IP is blocked).",
     )
-    webhook_attempts: int = Field(
-        default=6, ge=1, description="Tries to deliver a webhook (network errors and 5xx)."
+    webhook_window_seconds: float = Field(
+        default=1800.0,
+        gt=0,
+        description=(
+            "How long a webhook is retried (network errors, timeouts, 5xx) before it is given "
+            "up; shorter than the 45 minutes after which Ouro refuses a late result."
+        ),
     )
     webhook_backoff_seconds: float = Field(
         default=1.0, gt=0, description="First wait between webhook tries; doubles each time."
+    )
+    webhook_backoff_max_seconds: float = Field(
+        default=120.0, gt=0, description="Longest wait between two webhook tries."
     )
     webhook_timeout_seconds: float = Field(
         default=30.0, gt=0, description="Time limit of one webhook POST."
@@ -95,6 +103,40 @@ class ClipSettings(CommonSettings):
     )
     webhook_error_status: str = Field(
         default="error", description="`status` of a failed job's webhook body."
+    )
+    webhook_secret: str | None = Field(
+        default=None,
+        description=(
+            "With a Standard Webhooks secret (whsec_...), deliveries also carry webhook-id, "
+            "webhook-timestamp and webhook-signature headers."
+        ),
+    )
+    redis_url: str | None = Field(
+        default=None,
+        description=(
+            "Redis URL for distributed clip jobs: the API enqueues to arq and "
+            "`hermes-media worker` processes run them. Unset: jobs run inside the API."
+        ),
+    )
+    clip_queue_name: str = Field(
+        default="hermes:clip",
+        description="arq queue of this deployment; two deployments on one Redis need two names.",
+    )
+    clip_max_tries: int = Field(
+        default=3,
+        ge=1,
+        description="Runs of a job whose failure is transient (source unreachable, rate-limited).",
+    )
+    clip_retry_backoff_seconds: float = Field(
+        default=5.0, gt=0, description="Wait before the second run of a job; doubles after."
+    )
+    worker_shutdown_grace_seconds: float = Field(
+        default=30.0,
+        ge=0,
+        description=(
+            "On SIGTERM a worker takes no new job and gives running ones this long to finish; "
+            "the rest go back to the queue for another worker."
+        ),
     )
 
     @field_validator("clip_extra_source_hosts", mode="before")

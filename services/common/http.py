@@ -228,12 +228,10 @@ class GuardedClient:
         except httpx.HTTPError as exc:
             raise FetchFailed(f"The file URL could not be fetched: {_reason(exc)}.") from exc
 
-    async def post_json(
-        self, url: str, body: Mapping[str, Any], *, headers: Mapping[str, str]
-    ) -> httpx.Response:
-        """POST JSON to a checked URL without following redirects (webhooks)."""
+    async def post(self, url: str, content: bytes, *, headers: Mapping[str, str]) -> httpx.Response:
+        """POST to a checked URL without following redirects (webhooks)."""
         target = check_url(url)
-        return await self._client.post(target, json=body, headers=dict(headers))
+        return await self._client.post(target, content=content, headers=dict(headers))
 
 
 def _too_large(max_bytes: int) -> str:
