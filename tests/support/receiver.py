@@ -25,7 +25,8 @@ class Receiver:
     statuses: list[int] = field(default_factory=list)
     """Statuses to answer, in order; 200 once they run out."""
     deliveries: list[Delivery] = field(default_factory=list)
-    delay: float = 0.0
+    delays: list[float] = field(default_factory=list)
+    """Seconds to stall before answering, in order; none once they run out."""
     location: str | None = None
     _arrived: threading.Condition = field(default_factory=threading.Condition)
 
@@ -34,6 +35,10 @@ class Receiver:
             self.deliveries.append(delivery)
             self._arrived.notify_all()
             return self.statuses.pop(0) if self.statuses else 200
+
+    def next_delay(self) -> float:
+        with self._arrived:
+            return self.delays.pop(0) if self.delays else 0.0
 
     def wait(self, count: int = 1, timeout: float = 60) -> list[Delivery]:
         with self._arrived:
@@ -58,7 +63,7 @@ def receiver() -> Iterator[Receiver]:
                     body=json.loads(raw) if raw else {},
                 )
             )
-            time.sleep(target.delay)
+            time.sleep(target.next_delay())
             self.send_response(status)
             if target.location is not None:
                 self.send_header("location", target.location)

@@ -1,0 +1,357 @@
+"""Distributed clip jobs: the real app and real arq workers (subprocesses) on a real Redis."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from standardwebhooks.webhooks import Webhook
+
+from services.clip.app import create_app
+from services.clip.settings import ClipSettings
+from tests.conftest import Media
+from tests.support.apps import client
+from tests.support.receiver import Receiver, receiver
+from tests.support.redis import RedisServer, redis_server
+
+SECRET = "whsec_" + "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+JOB_TIMEOUT = 6.0
+WEBHOOK_TIMEOUT = 1.0
+
+
+@dataclass
+class Cluster:
+    """One deployment: a Redis, a queue name of its own, the API, and worker processes."""
+
+    redis: RedisServer
+    media: Media
+    root: Path
+    queue: str = field(default_factory=lambda: f"hermes-test:{uuid.uuid4().hex[:8]}")
+    workers: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    def env(self, **extra: str) -> dict[str, str]:
+        values = {
+            "HERMES_REDIS_URL": self.redis.url,
+            "HERMES_CLIP_QUEUE_NAME": self.queue,
+            "HERMES_ALLOW_PRIVATE_NETWORKS": "true",
+            "HERMES_CLIP_EXTRA_SOURCE_HOSTS": self.media.host,
+            "HERMES_CLIP_WORK_DIR": str(self.root / "work"),
+            "HERMES_CLIP_JOB_TIMEOUT_SECONDS": str(JOB_TIMEOUT),
+            "HERMES_CLIP_RETRY_BACKOFF_SECONDS": "0.2",
+            "HERMES_WEBHOOK_BACKOFF_SECONDS": "0.2",
+            "HERMES_WEBHOOK_TIMEOUT_SECONDS": str(WEBHOOK_TIMEOUT),
+            "HERMES_WEBHOOK_SECRET": SECRET,
+            "HERMES_WORKER_SHUTDOWN_GRACE_SECONDS": "0",
+            **extra,
+        }
+        kept = {k: v for k, v in os.environ.items() if not k.startswith("HERMES_")}
+        return {**kept, **values}
+
+    def settings(self) -> ClipSettings:
+        return ClipSettings(
+            redis_url=self.redis.url,
+            clip_queue_name=self.queue,
+            allow_private_networks=True,
+            clip_extra_source_hosts=self.media.host,
+            clip_work_dir=self.root / "work",
+        )
+
+    def start_worker(self, **extra: str) -> subprocess.Popen[bytes]:
+        log = (self.root / f"worker-{len(self.workers)}.log").open("wb")
+        process = subprocess.Popen(
+            [sys.executable, "-c", "from services.cli import main; main(['worker'])"],
+            env=self.env(**extra),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        self.workers.append(process)
+        return process
+
+    def log(self, index: int) -> str:
+        return (self.root / f"worker-{index}.log").read_text()
+
+    def stop(self) -> None:
+        for process in self.workers:
+            if process.poll() is None:
+                process.kill()
+                process.wait(timeout=10)
+
+
+@pytest.fixture
+def cluster(media: Media, tmp_path: Path) -> Iterator[Cluster]:
+    with redis_server(tmp_path / "redis") as redis:
+        found = Cluster(redis=redis, media=media, root=tmp_path)
+        try:
+            yield found
+        finally:
+            found.stop()
+
+
+@pytest.fixture
+def hook() -> Iterator[Receiver]:
+    with receiver() as r:
+        yield r
+
+
+def ask(
+    api: httpx.Client, url: str, start: str, end: str, hook: Receiver, action: str = ""
+) -> httpx.Response:
+    headers = {
+        "ouro-webhook-url": hook.url,
+        "ouro-webhook-token": "tok",
+        "ouro-action-id": action or uuid.uuid4().hex,
+        "ouro-route-id": "route-1",
+    }
+    body = {"youtube_url": url, "start_time": start, "end_time": end}
+    return api.post("/download-a-clip-from-youtube", json=body, headers=headers)
+
+
+def view(api: httpx.Client, job_id: str) -> dict[str, Any]:
+    found: dict[str, Any] = api.get(f"/jobs/{job_id}").json()
+    return found
+
+
+def wait_until(check: Any, timeout: float = 60, every: float = 0.05) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if result := check():
+            return result
+        time.sleep(every)
+    raise TimeoutError("condition not met in time")
+
+
+def test_jobs_run_on_two_workers_and_are_delivered_signed(cluster: Cluster, hook: Receiver) -> None:
+    cluster.start_worker()
+    cluster.start_worker()
+    with client(create_app(cluster.settings())) as api:
+        url = cluster.media.url("s60.mp4")
+        jobs = [ask(api, url, "0:01", f"0:0{2 + i % 3}", hook).json()["job_id"] for i in range(6)]
+        deliveries = hook.wait(6, timeout=90)
+        views = [
+            wait_until(lambda j=j: (v := view(api, j))["webhook"] == "delivered" and v)
+            for j in jobs
+        ]
+        file = api.get(f"/jobs/{jobs[0]}/file")
+    assert {v["status"] for v in views} == {"succeeded"}
+    assert file.status_code == 200
+    assert file.content[4:8] == b"ftyp"
+    for delivery in deliveries:
+        assert delivery.body["status"] == "success"
+        assert delivery.headers["ouro-webhook-token"] == "tok"
+        Webhook(SECRET).verify(_compact(delivery.body), delivery.headers)
+    ran = [sum(job in cluster.log(i) for job in jobs) for i in range(2)]
+    assert all(count > 0 for count in ran), ran
+    assert not list((cluster.root / "work").glob("*/clip.mp4"))
+
+
+def _compact(body: dict[str, Any]) -> str:
+    return json.dumps(body, separators=(",", ":"))
+
+
+def test_twenty_identical_requests_make_one_job(cluster: Cluster, hook: Receiver) -> None:
+    cluster.start_worker()
+    with client(create_app(cluster.settings())) as api:
+        url = cluster.media.url("s60.mp4")
+        answers: list[httpx.Response] = []
+        lock = threading.Lock()
+
+        def send() -> None:
+            response = ask(api, url, "0:01", "0:02", hook, action="same-action")
+            with lock:
+                answers.append(response)
+
+        threads = [threading.Thread(target=send) for _ in range(20)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        hook.wait(1)
+        time.sleep(1.5)
+    assert {a.status_code for a in answers} == {202}
+    assert len({a.json()["job_id"] for a in answers}) == 1
+    assert len(hook.deliveries) == 1
+
+
+def test_idempotency_key_for_direct_callers(cluster: Cluster) -> None:
+    with client(create_app(cluster.settings())) as api:
+        body = {"youtube_url": cluster.media.url("s60.mp4"), "start_time": "1", "end_time": "2"}
+        first = api.post(
+            "/download-a-clip-from-youtube", json=body, headers={"idempotency-key": "k1"}
+        )
+        again = api.post(
+            "/download-a-clip-from-youtube", json=body, headers={"idempotency-key": "k1"}
+        )
+        other = api.post(
+            "/download-a-clip-from-youtube", json=body, headers={"idempotency-key": "k2"}
+        )
+    assert first.json()["job_id"] == again.json()["job_id"] != other.json()["job_id"]
+
+
+def test_webhook_500_three_times_then_200(cluster: Cluster, hook: Receiver) -> None:
+    hook.statuses = [500, 502, 503]
+    cluster.start_worker()
+    with client(create_app(cluster.settings())) as api:
+        job = ask(api, cluster.media.url("s60.mp4"), "0:01", "0:02", hook).json()["job_id"]
+        deliveries = hook.wait(4, timeout=60)
+        wait_until(lambda: view(api, job)["webhook"] == "delivered")
+        time.sleep(0.5)
+    assert len(hook.deliveries) == 4
+    assert {d.headers["webhook-id"] for d in deliveries} == {job}
+    assert all(d.body == deliveries[0].body for d in deliveries)
+    gaps = [b.at - a.at for a, b in itertools.pairwise(deliveries)]
+    assert gaps[0] < gaps[2], gaps
+    assert cluster.log(0).count("clip_job(") == 1, "a failed delivery must not repeat the clip"
+
+
+def test_webhook_that_hangs_is_cut_and_retried(cluster: Cluster, hook: Receiver) -> None:
+    hook.delays = [WEBHOOK_TIMEOUT + 2]
+    cluster.start_worker()
+    with client(create_app(cluster.settings())) as api:
+        job = ask(api, cluster.media.url("s60.mp4"), "0:01", "0:02", hook).json()["job_id"]
+        first, second = hook.wait(2, timeout=60)
+        wait_until(lambda: view(api, job)["webhook"] == "delivered")
+    assert second.at - first.at < WEBHOOK_TIMEOUT + 1.5
+
+
+def test_webhook_410_stops_delivery(cluster: Cluster, hook: Receiver) -> None:
+    hook.statuses = [410]
+    cluster.start_worker()
+    with client(create_app(cluster.settings())) as api:
+        job = ask(api, cluster.media.url("s60.mp4"), "0:01", "0:02", hook).json()["job_id"]
+        hook.wait(1)
+        wait_until(lambda: view(api, job)["webhook"] == "failed")
+        time.sleep(1)
+    assert len(hook.deliveries) == 1
+
+
+def test_transient_failures_are_retried_terminal_ones_not(cluster: Cluster, hook: Receiver) -> None:
+    cluster.start_worker()
+    with client(create_app(cluster.settings())) as api:
+        cluster.media.server.fail_next(503, count=2)
+        retried = ask(api, cluster.media.url("s60.mp4"), "0:01", "0:02", hook).json()["job_id"]
+        final = wait_until(lambda: (v := view(api, retried))["webhook"] == "delivered" and v)
+        bad = ask(api, cluster.media.url("s60.mp4"), "0:50", "1:10", hook).json()["job_id"]
+        failed = wait_until(lambda: (v := view(api, bad))["webhook"] == "delivered" and v)
+    assert final["status"] == "succeeded"
+    assert final["tries"] == 3
+    assert failed["status"] == "failed"
+    assert failed["error"]["code"] == "range_out_of_bounds"
+    assert failed["tries"] == 1
+
+
+def test_timeout_ends_with_an_error_webhook(cluster: Cluster, hook: Receiver) -> None:
+    cluster.start_worker(HERMES_CLIP_JOB_TIMEOUT_SECONDS="0.5")
+    with client(create_app(cluster.settings())) as api:
+        job = ask(api, cluster.media.url("s60.mp4"), "0:01", "0:55", hook).json()["job_id"]
+        [delivery] = hook.wait(1, timeout=30)
+        assert view(api, job)["error"]["code"] == "job_timeout"
+    assert delivery.body["response"]["error"]["code"] == "job_timeout"
+
+
+def wait_for_cutting(api: httpx.Client, job: str) -> None:
+    wait_until(lambda: view(api, job)["stage"] == "cutting", timeout=30, every=0.02)
+
+
+def test_sigkill_mid_job_loses_nothing(cluster: Cluster, hook: Receiver) -> None:
+    first = cluster.start_worker()
+    with client(create_app(cluster.settings())) as api:
+        job = ask(api, cluster.media.url("s60.mp4"), "0:01", "0:50", hook).json()["job_id"]
+        wait_for_cutting(api, job)
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=10)
+        assert (cluster.root / "work" / job).exists(), "the dead job left its directory"
+        cluster.start_worker()
+        [delivery] = hook.wait(1, timeout=90)
+        final = wait_until(lambda: (v := view(api, job))["webhook"] == "delivered" and v)
+    assert delivery.body["status"] == "success"
+    assert final["tries"] == 2
+    assert not (cluster.root / "work" / job).exists()
+
+
+def test_sigterm_lets_the_running_job_finish(cluster: Cluster, hook: Receiver) -> None:
+    worker = cluster.start_worker(HERMES_WORKER_SHUTDOWN_GRACE_SECONDS="30")
+    with client(create_app(cluster.settings())) as api:
+        job = ask(api, cluster.media.url("s60.mp4"), "0:01", "0:30", hook).json()["job_id"]
+        wait_for_cutting(api, job)
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(timeout=30) == 0
+        finished = view(api, job)
+        assert finished["status"] == "succeeded"
+        assert finished["webhook"] == "pending", "the stopping worker takes no new job"
+        cluster.start_worker()
+        [delivery] = hook.wait(1, timeout=60)
+    assert delivery.body["status"] == "success"
+    assert finished["tries"] == 1
+
+
+def test_sigterm_past_the_grace_hands_the_job_back(cluster: Cluster, hook: Receiver) -> None:
+    worker = cluster.start_worker()
+    with client(create_app(cluster.settings())) as api:
+        job = ask(api, cluster.media.url("s60.mp4"), "0:01", "0:50", hook).json()["job_id"]
+        wait_for_cutting(api, job)
+        worker.send_signal(signal.SIGTERM)
+        worker.wait(timeout=30)
+        assert wait_until(lambda: view(api, job)["stage"] == "requeued", timeout=10)
+        cluster.start_worker()
+        [delivery] = hook.wait(1, timeout=60)
+        final = wait_until(lambda: (v := view(api, job))["webhook"] == "delivered" and v)
+    assert delivery.body["status"] == "success"
+    assert final["tries"] == 2
+
+
+def test_redis_outage_gives_503_then_everything_carries_on(
+    cluster: Cluster, hook: Receiver
+) -> None:
+    cluster.start_worker()
+    with client(create_app(cluster.settings())) as api:
+        url = cluster.media.url("s60.mp4")
+        before = ask(api, url, "0:01", "0:02", hook).json()["job_id"]
+        hook.wait(1)
+        cluster.redis.stop()
+        down = ask(api, url, "0:01", "0:02", hook)
+        assert down.status_code == 503
+        assert down.json()["error"]["code"] == "queue_unavailable"
+        assert api.get(f"/jobs/{before}").status_code == 503
+        time.sleep(1.5)
+        cluster.redis.start()
+        after = wait_until(
+            lambda: (r := ask(api, url, "0:02", "0:03", hook)).status_code == 202 and r
+        )
+        hook.wait(2, timeout=60)
+        assert view(api, before)["status"] == "succeeded"
+        job = after.json()["job_id"]
+        assert wait_until(lambda: view(api, job)["webhook"] == "delivered")
+    assert cluster.workers[0].poll() is None, "the worker must outlive the outage"
+
+
+def test_cancel_a_running_job(cluster: Cluster, hook: Receiver) -> None:
+    cluster.start_worker()
+    with client(create_app(cluster.settings())) as api:
+        job = ask(api, cluster.media.url("s60.mp4"), "0:01", "0:50", hook).json()["job_id"]
+        wait_for_cutting(api, job)
+        cancelled = api.delete(f"/jobs/{job}").json()
+        [delivery] = hook.wait(1, timeout=30)
+    assert cancelled["error"]["code"] == "cancelled"
+    assert delivery.body["response"]["error"]["code"] == "cancelled"
+    assert not (cluster.root / "work" / job).exists()
+
+
+def test_worker_removes_dead_jobs_directories_on_start(cluster: Cluster) -> None:
+    stale = cluster.root / "work" / ("a" * 32)
+    stale.mkdir(parents=True)
+    (stale / "clip.mp4").write_bytes(b"partial")
+    cluster.start_worker()
+    wait_until(lambda: not stale.exists(), timeout=20)
