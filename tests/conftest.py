@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.media import make_dash, make_hls, make_source
+from tests.support.media import ffmpeg_exe, make_dash, make_hls, make_source
 from tests.support.rangeserver import RangeServer
 
 MEDIA_CACHE = Path(tempfile.gettempdir()) / "hermes-media-test-media"
@@ -36,11 +37,26 @@ class Media:
 def media_root() -> Path:
     MEDIA_CACHE.mkdir(parents=True, exist_ok=True)
     source = make_source(MEDIA_CACHE, seconds=60, width=WIDTH, height=HEIGHT, fps=FPS, name="s60")
+    make_source(
+        MEDIA_CACHE, seconds=60, width=WIDTH, height=HEIGHT, fps=FPS, preset="veryfast", name="b60"
+    )
+    make_source(MEDIA_CACHE, seconds=20, width=WIDTH, height=HEIGHT, fps=FPS, name="s20")
+    _mpeg4_copy(MEDIA_CACHE / "s20.mp4", MEDIA_CACHE / "mpeg4.mp4")
     make_dash(MEDIA_CACHE / "dash", source)
     make_hls(MEDIA_CACHE / "hls", source)
     (MEDIA_CACHE / "not-a-video.mp4").write_bytes(b"this is not a video file at all" * 100)
     _live_copy(MEDIA_CACHE / "hls", MEDIA_CACHE / "live")
     return MEDIA_CACHE
+
+
+def _mpeg4_copy(source: Path, target: Path) -> None:
+    """The source in MPEG-4 Part 2: a codec the smart cut cannot copy, so it re-encodes."""
+    if not target.exists():
+        subprocess.run(
+            [ffmpeg_exe(), "-y", "-loglevel", "error", "-i", str(source), "-c:v", "mpeg4",
+             "-q:v", "3", "-g", "50", "-c:a", "copy", str(target)],
+            check=True,
+        )  # fmt: skip
 
 
 def _live_copy(hls: Path, live: Path) -> None:

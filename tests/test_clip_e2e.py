@@ -24,7 +24,12 @@ from tests.support.media import beep_onsets, decode_frames, frame_number
 from tests.support.receiver import Receiver, receiver
 
 FRAME = 1 / FPS
-SOURCES = {"progressive": "s60.mp4", "dash": "dash/manifest.mpd", "hls": "hls/master.m3u8"}
+SOURCES = {
+    "progressive": "s60.mp4",
+    "b-frames": "b60.mp4",
+    "dash": "dash/manifest.mpd",
+    "hls": "hls/master.m3u8",
+}
 
 
 def settings_for(media: Media, tmp_path: Path, **overrides: Any) -> ClipSettings:
@@ -69,6 +74,14 @@ def wait_for_job(api: httpx.Client, job_id: str, timeout: float = 60) -> dict[st
     raise TimeoutError(job_id)
 
 
+def assert_exact(clip: Path, *, first: int, count: int) -> None:
+    """Every frame from the source's frame ``first`` on, in order, in any player."""
+    for ignore_editlist in (False, True):
+        frames = decode_frames(clip, width=WIDTH, height=HEIGHT, ignore_editlist=ignore_editlist)
+        numbers = [frame_number(frame, WIDTH, HEIGHT) for frame in frames]
+        assert numbers == list(range(first, first + count)), "frames must be the source's span"
+
+
 def facts(path: Path) -> str:
     return subprocess.run(
         [ffmpeg_exe(), "-hide_banner", "-i", str(path)], capture_output=True, text=True
@@ -101,6 +114,7 @@ def test_clip_is_frame_exact_in_sync_and_delivered(
     assert (result["start"], result["end"]) == (12.4, 20.4)
     assert result["source_duration"] == pytest.approx(60, abs=0.1)
     assert (result["width"], result["height"]) == (WIDTH, HEIGHT)
+    assert result["cut"] == "smart"
     assert view["status"] == "succeeded"
     assert view["webhook"] == "delivered"
     assert view["progress"] == 1
@@ -116,11 +130,15 @@ def test_clip_is_frame_exact_in_sync_and_delivered(
 
     made = parse_banner(banner)
     assert made.duration == pytest.approx(8.0, abs=FRAME)
-    frames = decode_frames(clip, width=WIDTH, height=HEIGHT, ignore_editlist=True)
-    assert abs(len(frames) - 8.0 * FPS) <= 1
-    first = frame_number(frames[0], WIDTH, HEIGHT)
-    assert first == round(12.4 * FPS), "first frame must be the source's frame at start_time"
-    assert frame_number(frames[-1], WIDTH, HEIGHT) == first + len(frames) - 1
+    assert_exact(clip, first=round(12.4 * FPS), count=round(8.0 * FPS))
+    assert (
+        "error"
+        not in subprocess.run(
+            [ffmpeg_exe(), "-v", "error", "-i", str(clip), "-f", "null", "-"],
+            capture_output=True,
+            text=True,
+        ).stderr.lower()
+    ), "every frame must decode cleanly"
     onsets = [t for t in beep_onsets(clip) if t > 0.05]
     expected = [second - 12.4 for second in range(13, 21)]
     assert len(onsets) == len(expected)
@@ -354,3 +372,16 @@ def test_ouro_authentication(media: Media, tmp_path: Path) -> None:
         )
         assert api.get("/openapi.json").status_code == 200
         assert api.get("/healthz").status_code == 200
+
+
+def test_sources_that_cannot_be_smart_cut_are_reencoded_exactly(
+    media: Media, tmp_path: Path
+) -> None:
+    with client(create_app(settings_for(media, tmp_path))) as api:
+        job = ask(api, media.url("mpeg4.mp4"), "0:03.2", "0:07.2").json()["job_id"]
+        view = wait_for_job(api, job)
+        clip = tmp_path / "clip.mp4"
+        clip.write_bytes(api.get(f"/jobs/{job}/file").content)
+    assert view["result"]["cut"] == "reencode"
+    assert "Video: h264" in facts(clip)
+    assert_exact(clip, first=round(3.2 * FPS), count=round(4.0 * FPS))

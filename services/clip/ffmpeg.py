@@ -23,6 +23,7 @@ PROTOCOLS = "http,https,tcp,tls,crypto"
 STDERR_KEPT = 16 * 1024
 
 DURATION = re.compile(r"Duration: (\d+):(\d\d):(\d\d(?:\.\d+)?)")
+START = re.compile(r"Duration: [^\n]*?, start: (-?[\d.]+)")
 STREAM = re.compile(r"Stream #\d+:(\d+)[^:]*: (Video|Audio): (\w+)([^\n]*)")
 SIZE = re.compile(r", (\d{2,5})x(\d{2,5})")
 FPS = re.compile(r", ([\d.]+) (?:fps|tbr)")
@@ -36,6 +37,7 @@ def ffmpeg_exe() -> str:
 @dataclass(frozen=True)
 class MediaFacts:
     duration: float | None
+    start: float
     video_codec: str | None
     audio_codec: str | None
     width: int | None
@@ -61,7 +63,8 @@ def parse_banner(text: str) -> MediaFacts:
                 fps = float(rate.group(1))
         elif kind == "Audio" and audio is None:
             audio = codec
-    return MediaFacts(duration, video, audio, width, height, fps)
+    start = float(match.group(1)) if (match := START.search(text)) else 0.0
+    return MediaFacts(duration, start, video, audio, width, height, fps)
 
 
 def http_options(max_range_bytes: int) -> dict[str, object]:

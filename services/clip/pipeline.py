@@ -1,13 +1,22 @@
-"""Making one clip: read the video's facts, pick formats, fetch only the span, cut exactly.
+"""Making one clip: read the video's facts, fetch only its span, and cut it frame-exactly.
 
-ffmpeg seeks in the remote file by HTTP range (input seeking), so only the part of the video
-the clip needs is fetched. The span is re-encoded from the exact start frame, so the first
-frame is the source's frame at ``start`` in every player, with no edit list hiding a lead-in.
+1. yt-dlp reads the facts and formats; H.264 and AAC no taller than the limit are picked.
+2. One ffmpeg copies the span from the keyframe before ``start`` to ``end`` into a local file,
+   seeking in the remote file with bounded HTTP range requests, so only the span and the
+   container index are fetched.
+3. Smart cut, when the video is H.264: frames from ``start`` to the first keyframe inside the
+   span and from the last keyframe to ``end`` are re-encoded with parameters matching the
+   source (profile, level, size, frame rate; their own SPS/PPS id), everything between is
+   copied, and the three parts are joined. Audio is cut to the same span. Otherwise (another
+   codec, an unknown frame rate) the span is re-encoded whole with x264's veryfast preset.
+Either way the first frame is the source's frame at ``start`` with no edit list hiding a
+lead-in, and the MP4 has its index at the front.
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +40,15 @@ from services.clip.source import (
 
 Report = Callable[[str, float], None]
 CLIP_FILE = "clip.mp4"
+SPAN_FILE = "span.mp4"
 LIVE_STATES = frozenset({"is_live", "is_upcoming", "post_live"})
+TIME_BASE = re.compile(r"#tb 0: (\d+)/(\d+)")
+# Half a millisecond: timestamps of the same frame read two ways differ by rounding only.
+EPSILON = 0.0005
+SPS_FIELD = re.compile(r"\b(profile_idc|level_idc)\s+\d+ = (\d+)")
+FETCH_SHARE = 0.7
+X264_PROFILES = {66: "baseline", 77: "main", 100: "high"}
+GLOBAL = ("-hide_banner", "-nostdin", "-nostats", "-loglevel", "info", "-progress", "pipe:1")
 
 
 class OutputTooLarge(ClipFailed):
@@ -78,29 +95,45 @@ async def make_clip(
     if info.duration is not None:
         _check_range(spec, info.duration)
     selection = select(info.formats, settings.clip_max_height)
-    output = workdir / CLIP_FILE
 
-    def on_progress(seconds: float) -> None:
-        report("cutting", 0.05 + 0.95 * min(1.0, seconds / spec.duration))
-
-    report("cutting", 0.05)
+    report("fetching", 0.05)
+    span = workdir / SPAN_FILE
     code, log = await ffmpeg.run(
-        _cut_args(spec, selection, settings, output), on_progress=on_progress
+        _span_args(spec, selection, settings, span),
+        on_progress=lambda s: report("fetching", 0.05 + (FETCH_SHARE - 0.05) * _share(s, spec)),
     )
-    source = ffmpeg.parse_banner(log)
-    duration = info.duration or source.duration
+    remote = ffmpeg.parse_banner(log)
+    duration = info.duration or remote.duration
     if duration is not None:
         _check_range(spec, duration)
-    if code != 0 or not output.exists():
-        raise _cut_failure(log)
+    if code != 0 or not span.exists():
+        raise _failure(log)
+
+    output = workdir / CLIP_FILE
+    _, banner = await ffmpeg.run(["-hide_banner", "-nostdin", "-i", str(span)])
+    # The span keeps the source's timestamps, which start at the source's own start time
+    # (not always 0: HLS segments often start at 1.4 s); the clip's times are relative to it.
+    at = TimeBase(offset=remote.start)
+    plan = await _smart_plan(spec, span, ffmpeg.parse_banner(banner), settings, at)
+    if plan is not None:
+        report("cutting", FETCH_SHARE)
+        await _smart_cut(spec, span, plan, workdir, output, report, at)
+        cut = "smart"
+    else:
+        report("re-encoding", FETCH_SHARE)
+        await _reencode(spec, span, settings, output, report, at)
+        cut = "reencode"
+    span.unlink()
+
     size = output.stat().st_size
     if size > settings.clip_max_output_bytes:
         raise OutputTooLarge(
             f"The clip is {size} bytes, over the limit of {settings.clip_max_output_bytes}; "
             "choose a shorter range."
         )
-    _, banner = await ffmpeg.run(["-hide_banner", "-nostdin", "-i", str(output)])
-    made = ffmpeg.parse_banner(banner)
+    made = ffmpeg.parse_banner(
+        (await ffmpeg.run(["-hide_banner", "-nostdin", "-i", str(output)]))[1]
+    )
     report("done", 1.0)
     return ClipResult(
         path=output,
@@ -112,8 +145,12 @@ async def make_clip(
         bytes=size,
         width=made.width or 0,
         height=made.height or 0,
-        cut="reencode",
+        cut=cut,
     )
+
+
+def _share(seconds: float, spec: ClipSpec) -> float:
+    return min(1.0, max(0.0, seconds - spec.start) / spec.duration)
 
 
 def _check_range(spec: ClipSpec, duration: float) -> None:
@@ -124,14 +161,15 @@ def _check_range(spec: ClipSpec, duration: float) -> None:
         )
 
 
-def _cut_args(
-    spec: ClipSpec, selection: Selection, settings: ClipSettings, output: Path
+def _span_args(
+    spec: ClipSpec, selection: Selection, settings: ClipSettings, span: Path
 ) -> list[str]:
-    """Input-seek to the start, decode from the keyframe before it, encode from it exactly."""
+    """Copy from the keyframe before the start to the end, keeping the source's timestamps."""
 
     def source(url: str, headers: dict[str, str]) -> ffmpeg_python.nodes.FilterableStream:
         options: dict[str, object] = {
             "ss": f"{spec.start:.3f}",
+            "to": f"{spec.end:.3f}",
             **ffmpeg.http_options(settings.clip_max_range_bytes),
         }
         if headers:
@@ -139,36 +177,170 @@ def _cut_args(
         return ffmpeg_python.input(url, **options)
 
     main = source(selection.video.url, selection.video.headers)
-    # Only ever scales down: sources with no format short enough are brought to the limit.
-    video = main.video.filter("scale", -2, f"min(ih,{settings.clip_max_height})")
-    streams = [video]
+    streams = [main["v:0"]]
     if selection.audio is not None:
         streams.append(source(selection.audio.url, selection.audio.headers)["a:0"])
     else:
         streams.append(main["a:0?"])
+    out = ffmpeg_python.output(*streams, str(span), c="copy", copyts=None, f="mp4")
+    return list(out.global_args(*GLOBAL).overwrite_output().get_args())
+
+
+@dataclass(frozen=True)
+class TimeBase:
+    """Turns a time in the video into a timestamp in the span file."""
+
+    offset: float
+
+    def __call__(self, seconds: float) -> str:
+        return f"{seconds + self.offset:.6f}"
+
+
+@dataclass(frozen=True)
+class SmartPlan:
+    """Where the three parts start in the span, their frame counts, and x264's settings."""
+
+    first_frame: float
+    first_key: float
+    last_key: float
+    head_frames: int
+    copy_frames: int
+    tail_frames: int
+    profile: str
+    level: str
+
+
+async def _frames(span: Path) -> list[tuple[float, bool]]:
+    """Every video frame of the span: its timestamp and whether it is a keyframe.
+
+    Read from the packets (``framecrc`` marks every packet that is not a plain keyframe with
+    ``F=``), so nothing is decoded and variable frame rates need no special case.
+    """
+    _, log = await ffmpeg.run(
+        ["-hide_banner", "-nostdin", "-loglevel", "error", "-copyts", "-i", str(span),
+         "-map", "0:v:0", "-c", "copy", "-f", "framecrc", "pipe:2"]
+    )  # fmt: skip
+    base = TIME_BASE.search(log)
+    if base is None:
+        return []
+    unit = int(base.group(1)) / int(base.group(2))
+    frames = []
+    for line in log.splitlines():
+        fields = [f.strip() for f in line.split(",")]
+        if len(fields) >= 6 and fields[0] == "0" and fields[2].lstrip("-").isdigit():
+            frames.append((int(fields[2]) * unit, not any(f.startswith("F=") for f in fields)))
+    return sorted(frames)
+
+
+async def _smart_plan(
+    spec: ClipSpec, span: Path, facts: ffmpeg.MediaFacts, settings: ClipSettings, at: TimeBase
+) -> SmartPlan | None:
+    """How to smart-cut the span, or None when it must be re-encoded whole."""
+    if facts.video_codec != "h264" or not facts.height or facts.height > settings.clip_max_height:
+        return None
+    start, end = float(at(spec.start)), float(at(spec.end))
+    clip = [(t, key) for t, key in await _frames(span) if start - EPSILON <= t < end - EPSILON]
+    keys = [t for t, key in clip if key]
+    if not clip or not keys:
+        return None
+    _, sps_log = await ffmpeg.run(
+        ["-hide_banner", "-nostdin", "-i", str(span), "-map", "0:v:0", "-frames:v", "1",
+         "-c", "copy", "-bsf:v", "trace_headers", "-f", "null", "-"]
+    )  # fmt: skip
+    sps = {name: int(value) for name, value in SPS_FIELD.findall(sps_log)}
+    profile = X264_PROFILES.get(sps.get("profile_idc", 0))
+    if profile is None or "level_idc" not in sps:
+        return None
+    times = [t for t, _ in clip]
+    return SmartPlan(
+        first_frame=times[0],
+        first_key=keys[0],
+        last_key=keys[-1],
+        head_frames=sum(t < keys[0] for t in times),
+        copy_frames=sum(keys[0] <= t < keys[-1] for t in times),
+        tail_frames=sum(t >= keys[-1] for t in times),
+        profile=profile,
+        level=f"{sps['level_idc'] / 10:.1f}",
+    )
+
+
+async def _smart_cut(
+    spec: ClipSpec,
+    span: Path,
+    plan: SmartPlan,
+    workdir: Path,
+    output: Path,
+    report: Report,
+    at: TimeBase,
+) -> None:
+    encode = [
+        "-c:v", "libx264", "-preset", "veryfast", "-crf", "18", "-pix_fmt", "yuv420p",
+        "-profile:v", plan.profile, "-level:v", plan.level, "-x264-params", "sps-id=1",
+    ]  # fmt: skip
+    parts: list[tuple[float, int, list[str]]] = [
+        (plan.first_frame, plan.head_frames, encode),
+        (plan.first_key, plan.copy_frames, ["-c:v", "copy"]),
+        (plan.last_key, plan.tail_frames, encode),
+    ]
+    written: list[Path] = []
+    for index, (start, frames, codec) in enumerate(parts):
+        if frames == 0:
+            continue
+        part = workdir / f"part{index}.ts"
+        code, _ = await ffmpeg.run(
+            ["-hide_banner", "-nostdin", "-loglevel", "error", "-seek_timestamp", "1",
+             "-ss", f"{start:.6f}", "-i", str(span), "-map", "0:v:0", "-frames:v", str(frames),
+             *codec, "-f", "mpegts", "-y", str(part)]
+        )  # fmt: skip
+        if code != 0:
+            raise ProcessingFailed("The clip could not be cut from this video.")
+        written.append(part)
+        report("cutting", FETCH_SHARE + (1 - FETCH_SHARE) * 0.8 * (index + 1) / len(parts))
+    listing = workdir / "parts.txt"
+    listing.write_text("".join(f"file '{part.name}'\n" for part in written))
+    code, _ = await ffmpeg.run(
+        ["-hide_banner", "-nostdin", "-loglevel", "error", "-f", "concat", "-safe", "0",
+         "-i", str(listing), "-seek_timestamp", "1", "-ss", f"{plan.first_frame:.6f}",
+         "-i", str(span),
+         "-t", f"{spec.duration:.6f}", "-map", "0:v:0", "-map", "1:a:0?", "-c:v", "copy",
+         "-c:a", "aac", "-b:a", "128k", "-movflags", "+faststart", "-f", "mp4", "-y",
+         str(output)]
+    )  # fmt: skip
+    for path in [*written, listing]:
+        path.unlink()
+    if code != 0:
+        raise ProcessingFailed("The clip's parts could not be joined.")
+
+
+async def _reencode(
+    spec: ClipSpec,
+    span: Path,
+    settings: ClipSettings,
+    output: Path,
+    report: Report,
+    at: TimeBase,
+) -> None:
     cap = settings.clip_video_bitrate_cap
-    out = ffmpeg_python.output(
-        *streams,
-        str(output),
-        t=f"{spec.duration:.3f}",
-        vcodec="libx264",
-        preset="veryfast",
-        crf=20,
-        maxrate=cap,
-        bufsize=cap,
-        pix_fmt="yuv420p",
-        acodec="aac",
-        audio_bitrate="128k",
-        movflags="+faststart",
-        f="mp4",
-    )
-    out = out.global_args(
-        "-hide_banner", "-nostdin", "-nostats", "-loglevel", "info", "-progress", "pipe:1"
-    )
-    return list(out.overwrite_output().get_args())
+    args = [
+        *GLOBAL, "-seek_timestamp", "1", "-ss", at(spec.start), "-i", str(span),
+        "-t", f"{spec.duration:.6f}", "-map", "0:v:0", "-map", "0:a:0?",
+        # Only ever scales down: sources with no format short enough come to the limit.
+        "-vf", f"scale=-2:'min(ih,{settings.clip_max_height})'",
+        "-c:v", "libx264", "-preset", "veryfast", "-crf", "20", "-maxrate", cap,
+        "-bufsize", cap, "-pix_fmt", "yuv420p", "-c:a", "aac", "-b:a", "128k",
+        "-movflags", "+faststart", "-f", "mp4", "-y", str(output),
+    ]  # fmt: skip
+
+    def on_progress(seconds: float) -> None:
+        share = min(1.0, seconds / spec.duration)
+        report("re-encoding", FETCH_SHARE + (1 - FETCH_SHARE) * share)
+
+    code, log = await ffmpeg.run(args, on_progress=on_progress)
+    if code != 0:
+        raise _failure(log)
 
 
-def _cut_failure(log: str) -> ClipFailed:
+def _failure(log: str) -> ClipFailed:
     lowered = log.lower()
     if any(k in lowered for k in ("server returned", "connection", "timed out", "i/o error")):
         return SourceUnreachable("The video source stopped answering while the clip was cut.")

@@ -224,12 +224,13 @@ def _segment(marker: int, payload: bytes) -> bytes:
 
 # PNG: at 100, oxipng optimises losslessly on the original bytes, so bit depth, palette, APNG
 # frames and every kept chunk survive exactly. Below 100, libimagequant makes a palette image
-# whose quality is at least ``quality`` (aiming 10 above it, as pngquant's min-max range does),
-# and when that floor cannot be met the lossless path is used. APNG is always lossless.
+# whose quality is at least ``quality`` (aiming 10 above it, as pngquant's min-max range does)
+# and oxipng packs it; only when that floor cannot be met is the lossless path run instead,
+# because running both (to keep the smaller) cost the lossless pass on every image.
+# APNG is always lossless. ``compress`` returns the input itself when neither is smaller.
 def _png(image: Image.Image, data: bytes, quality: int, meta: Metadata) -> bytes:
-    lossless = oxipng.optimize_from_memory(_png_chunks(data, meta), level=2)
     if quality >= 100 or _frame_count(image) > 1:
-        return lossless
+        return _png_lossless(data, meta)
     try:
         quantized = imagequant.quantize_pil_image(
             image.convert("RGBA"),
@@ -239,11 +240,19 @@ def _png(image: Image.Image, data: bytes, quality: int, meta: Metadata) -> bytes
             max_quality=min(100, quality + 10),
         )
     except RuntimeError:
-        return lossless
+        return _png_lossless(data, meta)
     out = io.BytesIO()
     quantized.save(out, "PNG", pnginfo=_png_text(image, meta), icc_profile=meta.icc, exif=meta.exif)
-    lossy = oxipng.optimize_from_memory(out.getvalue(), level=2)
-    return min(lossy, lossless, key=len)
+    return _oxipng(out.getvalue())
+
+
+def _png_lossless(data: bytes, meta: Metadata) -> bytes:
+    return _oxipng(_png_chunks(data, meta))
+
+
+def _oxipng(png: bytes) -> bytes:
+    optimised: bytes = oxipng.optimize_from_memory(png, level=2)
+    return optimised
 
 
 def _png_chunks(data: bytes, meta: Metadata) -> bytes:

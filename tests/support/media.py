@@ -141,11 +141,13 @@ def make_source(
     fps: int = 25,
     gop: int = 50,
     crf: int = 23,
+    preset: str = "ultrafast",
     name: str = "source",
 ) -> Path:
     """Write (or reuse) ``dir/<name>.mp4``: H.264 + mono AAC, moov first, fixed GOP.
 
-    A lower ``crf`` gives the bytes per second of real video at a small picture size.
+    A lower ``crf`` gives the bytes per second of real video at a small picture size; a
+    slower ``preset`` than ultrafast adds B-frames, as real H.264 (YouTube's) has.
 
     Video is testsrc2 (moving, so neighbouring frames differ) with the frame index
     painted top-left for ``frame_number``; a keyframe falls exactly every ``gop``
@@ -170,7 +172,7 @@ def make_source(
         "-f", "lavfi", "-i", video,
         "-f", "lavfi", "-i", audio,
         "-t", f"{seconds}",
-        "-c:v", "libx264", "-preset", "ultrafast", "-crf", f"{crf}", "-pix_fmt", "yuv420p",
+        "-c:v", "libx264", "-preset", preset, "-crf", f"{crf}", "-pix_fmt", "yuv420p",
         "-g", f"{gop}", "-keyint_min", f"{gop}", "-sc_threshold", "0",
         "-c:a", "aac", "-ar", f"{AUDIO_RATE}", "-ac", "1",
         "-movflags", "+faststart",
