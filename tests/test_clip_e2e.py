@@ -175,17 +175,21 @@ def test_direct_caller_polls_progress_and_downloads_the_file(media: Media, tmp_p
         assert len(download.content) == view["result"]["bytes"]
 
 
-def test_only_the_clip_span_is_fetched(media: Media, tmp_path: Path) -> None:
-    """A 30 s clip of a 10-minute source fetches at most 2x the clip's share of its bytes."""
+def test_only_the_clip_span_is_fetched_in_bounded_ranges(media: Media, tmp_path: Path) -> None:
+    """A 30 s clip of a 10-minute source: at most 2x the clip's share of the source's bytes,
+    every media request a range no larger than the bound, none of them throttled."""
     from tests.conftest import MEDIA_CACHE
     from tests.support.media import make_source
+    from tests.support.rangeserver import ThrottlePolicy
 
-    # At crf 8 the small picture carries about 2 Mbit/s, as a real 720p video does, so the
-    # few hundred KiB that socket buffers read ahead weigh as they would in production.
+    # At crf 8 the small picture carries about 1.2 Mbit/s, as real video does, so the few
+    # hundred KiB that socket buffers read ahead weigh as they would in production.
     long_source = make_source(
         MEDIA_CACHE, seconds=600, width=WIDTH, height=HEIGHT, fps=FPS, crf=8, name="s600"
     )
-    settings = settings_for(media, tmp_path)
+    bound = 1024 * 1024
+    settings = settings_for(media, tmp_path, clip_max_range_bytes=bound)
+    media.server.throttle = ThrottlePolicy(max_fast_bytes=bound, slow_rate=64 * 1024)
     with client(create_app(settings)) as api:
         media.server.reset()
         job_id = ask(api, media.url("s600.mp4"), "5:00", "5:30").json()["job_id"]
@@ -193,8 +197,15 @@ def test_only_the_clip_span_is_fetched(media: Media, tmp_path: Path) -> None:
     share = long_source.stat().st_size * 30 / 600
     fetched = media.server.bytes_sent("s600.mp4")
     assert fetched <= 2 * share, f"fetched {fetched} bytes for a share of {share:.0f}"
-    largest = max(r.requested_length or 0 for r in media.server.requests)
-    assert 0 < largest <= settings.clip_max_range_bytes
+    ranged = [r for r in media.server.requests if r.range_header is not None]
+    assert ranged
+    assert all(r.requested_length is not None for r in ranged), "no open-ended range"
+    assert max(r.requested_length or 0 for r in ranged) <= bound
+    assert not any(r.throttled for r in ranged)
+    # yt-dlp's generic extractor sniffs a direct link with one plain GET and hangs up.
+    plain = [r for r in media.server.requests if r.range_header is None]
+    assert len(plain) <= 1
+    assert sum(r.bytes_sent for r in plain) <= 256 * 1024
 
 
 def error_of(response: httpx.Response) -> str:

@@ -61,7 +61,9 @@ class ClipFacts(BaseModel):
     bytes: int
     width: int
     height: int
-    cut: str = Field(description="How the clip was cut: `reencode`.")
+    cut: str = Field(
+        description="`smart` (only the head and tail re-encoded) or `reencode` (all of it)."
+    )
 
 
 class JobView(BaseModel):
