@@ -37,6 +37,8 @@ from services.clip.source import (
     select,
     ydl_options,
 )
+from services.common.errors import AddressRefused, FetchFailed
+from services.common.http import AddressGuard, check_url
 
 Report = Callable[[str, float], None]
 CLIP_FILE = "clip.mp4"
@@ -57,6 +59,10 @@ class OutputTooLarge(ClipFailed):
 
 class ProcessingFailed(ClipFailed):
     code = "processing_failed"
+
+
+class SourceRefused(ClipFailed):
+    code = "source_refused"
 
 
 @dataclass(frozen=True)
@@ -84,6 +90,7 @@ async def make_clip(
     spec: ClipSpec, workdir: Path, settings: ClipSettings, report: Report
 ) -> ClipResult:
     report("reading video facts", 0.0)
+    await _check_address(spec.source.url, settings)
     options = ydl_options(
         spec.source, cookie_file=settings.ytdlp_cookie_file, proxy=settings.ytdlp_proxy
     )
@@ -95,6 +102,9 @@ async def make_clip(
     if info.duration is not None:
         _check_range(spec, info.duration)
     selection = select(info.formats, settings.clip_max_height)
+    for chosen in (selection.video, selection.audio):
+        if chosen is not None:
+            await _check_address(chosen.url, settings)
 
     report("fetching", 0.05)
     span = workdir / SPAN_FILE
@@ -147,6 +157,21 @@ async def make_clip(
         height=made.height or 0,
         cut=cut,
     )
+
+
+async def _check_address(url: str, settings: ClipSettings) -> None:
+    """Refuse a source whose host resolves to a private or reserved address.
+
+    yt-dlp and ffmpeg resolve the host again themselves; this check stops a source that
+    points inside the network on purpose, not one whose DNS answers change between lookups.
+    """
+    try:
+        host = check_url(url).host
+        await AddressGuard(allow_private=settings.allow_private_networks).addresses(host)
+    except AddressRefused as exc:
+        raise SourceRefused(f"The video source is not allowed: {exc.message}") from exc
+    except FetchFailed as exc:
+        raise SourceUnreachable(f"The video source could not be reached: {exc.message}") from exc
 
 
 def _share(seconds: float, spec: ClipSpec) -> float:
