@@ -396,3 +396,29 @@ def test_sources_that_cannot_be_smart_cut_are_reencoded_exactly(
     assert view["result"]["cut"] == "reencode"
     assert "Video: h264" in facts(clip)
     assert_exact(clip, first=round(3.2 * FPS), count=round(4.0 * FPS))
+
+
+def test_disk_per_job_at_and_past_the_limit(media: Media, tmp_path: Path) -> None:
+    def run(limit: int) -> dict[str, Any]:
+        settings = settings_for(media, tmp_path, clip_max_job_disk_bytes=limit)
+        with client(create_app(settings)) as api:
+            return wait_for_job(
+                api, ask(api, media.url("s60.mp4"), "0:10", "0:14").json()["job_id"]
+            )
+
+    spans: list[int] = []
+    original = Path.unlink
+
+    def measure(path: Path, missing_ok: bool = False) -> None:
+        if path.name == "span.mp4":
+            spans.append(path.stat().st_size)
+        original(path, missing_ok)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Path, "unlink", measure)
+        assert run(10**9)["status"] == "succeeded"
+    [size] = spans
+    assert run(size)["status"] == "succeeded"
+    past = run(size - 1)
+    assert past["error"]["code"] == "job_disk_exceeded"
+    assert not list((tmp_path / "work").glob("*/span.mp4"))

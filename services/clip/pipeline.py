@@ -61,6 +61,10 @@ class ProcessingFailed(ClipFailed):
     code = "processing_failed"
 
 
+class DiskLimitExceeded(ClipFailed):
+    code = "job_disk_exceeded"
+
+
 class SourceRefused(ClipFailed):
     code = "source_refused"
 
@@ -118,6 +122,11 @@ async def make_clip(
         _check_range(spec, duration)
     if code != 0 or not span.exists():
         raise _failure(log)
+    if span.stat().st_size > settings.clip_max_job_disk_bytes:
+        raise DiskLimitExceeded(
+            f"The clip needs more than {settings.clip_max_job_disk_bytes} bytes of working "
+            "space; choose a shorter range."
+        )
 
     output = workdir / CLIP_FILE
     _, banner = await ffmpeg.run(["-hide_banner", "-nostdin", "-i", str(span)])
@@ -207,7 +216,9 @@ def _span_args(
         streams.append(source(selection.audio.url, selection.audio.headers)["a:0"])
     else:
         streams.append(main["a:0?"])
-    out = ffmpeg_python.output(*streams, str(span), c="copy", copyts=None, f="mp4")
+    # ffmpeg stops writing past the limit; the size check after the fetch names the failure.
+    limit = settings.clip_max_job_disk_bytes + 1
+    out = ffmpeg_python.output(*streams, str(span), c="copy", copyts=None, fs=limit, f="mp4")
     return list(out.global_args(*GLOBAL).overwrite_output().get_args())
 
 

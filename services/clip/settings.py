@@ -30,6 +30,14 @@ class ClipSettings(CommonSettings):
         gt=0,
         description="Largest MP4 a job may produce (it fails with output_too_large past it).",
     )
+    clip_max_job_disk_bytes: int = Field(
+        default=1024 * 1024 * 1024,
+        gt=0,
+        description=(
+            "Largest span a job may fetch to its directory (the job fails with "
+            "job_disk_exceeded past it); its parts and the MP4 take at most as much again."
+        ),
+    )
     clip_concurrency: int = Field(default=2, ge=1, description="Clip jobs run at once.")
     clip_max_queued: int = Field(
         default=100, ge=1, description="Jobs waiting or running before new ones get 503."
