@@ -22,8 +22,8 @@ import httpx
 from standardwebhooks.webhooks import Webhook
 
 from services.clip.settings import ClipSettings
-from services.common.errors import AddressRefused, FetchFailed
-from services.common.http import GuardedClient
+from services.common.errors import AddressRefused, FetchFailed, HermesError
+from services.common.http import GuardedClient, check_url
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +60,11 @@ class WebhookSender:
     async def attempt(
         self, url: str, body: dict[str, Any], *, token: str | None, delivery_id: str
     ) -> Outcome:
+        try:
+            check_url(url)
+        except HermesError as exc:
+            logger.warning("webhook %s refused: %s", delivery_id, exc.message)
+            return Outcome.refused
         payload = json.dumps(body, separators=(",", ":"))
         headers = {"content-type": "application/json", "webhook-id": delivery_id}
         if token is not None:

@@ -176,6 +176,9 @@ async def _check_address(url: str, settings: ClipSettings) -> None:
     """
     try:
         host = check_url(url).host
+    except FetchFailed as exc:
+        raise SourceRefused(f"The video source is not allowed: {exc.message}") from exc
+    try:
         await AddressGuard(allow_private=settings.allow_private_networks).addresses(host)
     except AddressRefused as exc:
         raise SourceRefused(f"The video source is not allowed: {exc.message}") from exc
