@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ from pydantic_settings import BaseSettings
 from services.clip.app import create_app as create_clip_app
 from services.clip.distributed import run_worker
 from services.clip.settings import ClipSettings
+from services.common.observability import configure_logging
 from services.common.settings import CommonSettings
 from services.compress.app import create_app as create_compress_app
 from services.compress.settings import CompressSettings
@@ -39,7 +39,7 @@ SERVICES: dict[str, Service] = {
 
 
 def _server(service: Service, host: str, port: int) -> uvicorn.Server:
-    config = uvicorn.Config(service.create_app(), host=host, port=port, log_level="info")
+    config = uvicorn.Config(service.create_app(), host=host, port=port, log_config=None)
     return uvicorn.Server(config)
 
 
@@ -62,7 +62,7 @@ def _run_worker() -> None:
     settings = ClipSettings()
     if not settings.redis_url:
         raise SystemExit("hermes-media worker needs HERMES_REDIS_URL")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    configure_logging()
     asyncio.run(run_worker(settings))
 
 
@@ -112,6 +112,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         for path in write_openapi(args.out):
             print(path)
         return
+    configure_logging()
     chosen = [SERVICES[args.service]] if args.service else list(SERVICES.values())
     servers = [
         _server(

@@ -6,16 +6,19 @@ read at ``/jobs/{job_id}``, for direct callers who have no webhook.
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated
 
 from fastapi import APIRouter, FastAPI, Header, Path, Request
 from fastapi.responses import JSONResponse, Response
+from prometheus_client import Gauge
 from pydantic import BaseModel, Field
 
-from services.clip.delivery import webhook_client, webhook_sender
+from services.clip.delivery import WebhookSender, webhook_client, webhook_sender
 from services.clip.distributed import ArqQueue
+from services.clip.ffmpeg import ffmpeg_exe
 from services.clip.jobs import (
     ClipFacts,
     ClipQueue,
@@ -95,7 +98,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     else:
         remove_stale_directories(settings.clip_work_dir)
         client = webhook_client(settings)
-        queue = EmbeddedQueue(settings, webhook_sender(settings, client))
+        app.state.sender = webhook_sender(settings, client)
+        queue = EmbeddedQueue(settings, app.state.sender)
     app.state.queue = queue
     try:
         yield
@@ -105,6 +109,25 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
             await client.aclose()
 
 
+async def _readiness(app: FastAPI) -> dict[str, bool]:
+    checks = {"ffmpeg": os.access(ffmpeg_exe(), os.X_OK)}
+    queue = getattr(app.state, "queue", None)
+    if isinstance(queue, ArqQueue):
+        checks["redis"] = await queue.ping()
+    return checks
+
+
+async def _refresh_metrics(app: FastAPI) -> None:
+    queue: ClipQueue | None = getattr(app.state, "queue", None)
+    if queue is not None:
+        for status, count in (await queue.stats()).items():
+            app.state.jobs_gauge.labels(status).set(count)
+    sender: WebhookSender | None = getattr(app.state, "sender", None)
+    if sender is not None:
+        for outcome, count in sender.outcomes.items():
+            app.state.webhooks_gauge.labels(outcome.value).set(count)
+
+
 def create_app(settings: ClipSettings | None = None) -> FastAPI:
     settings = settings or ClipSettings()
     app = create_base_app(
@@ -112,8 +135,21 @@ def create_app(settings: ClipSettings | None = None) -> FastAPI:
         title="hermes-media: download-a-clip-from-youtube",
         description="Download a specific time range from a YouTube video as an MP4 clip.",
         lifespan=_lifespan,
+        readiness=_readiness,
+        refresh_metrics=_refresh_metrics,
     )
     app.state.settings = settings
+    registry = app.state.metrics.registry
+    app.state.jobs_gauge = Gauge(
+        "hermes_clip_jobs", "Clip jobs by status (distributed: queued only).", ["status"],
+        registry=registry,
+    )  # fmt: skip
+    app.state.webhooks_gauge = Gauge(
+        "hermes_webhook_attempts",
+        "Webhook delivery attempts by outcome, by this process (delivered, refused, retry).",
+        ["outcome"],
+        registry=registry,
+    )
 
     def queue(request: Request) -> ClipQueue:
         found: ClipQueue = request.app.state.queue

@@ -14,6 +14,7 @@ import json
 import logging
 import random
 import time
+from collections import Counter
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
@@ -51,6 +52,7 @@ class WebhookSender:
         self.backoff_seconds = backoff_seconds
         self.backoff_max_seconds = backoff_max_seconds
         self._signer = Webhook(secret) if secret else None
+        self.outcomes: Counter[Outcome] = Counter()
 
     def delay(self, attempt: int) -> float:
         """Wait before attempt ``attempt + 1``: doubling from the first backoff, with jitter."""
@@ -58,6 +60,13 @@ class WebhookSender:
         return base * random.uniform(0.75, 1.25)
 
     async def attempt(
+        self, url: str, body: dict[str, Any], *, token: str | None, delivery_id: str
+    ) -> Outcome:
+        outcome = await self._attempt(url, body, token=token, delivery_id=delivery_id)
+        self.outcomes[outcome] += 1
+        return outcome
+
+    async def _attempt(
         self, url: str, body: dict[str, Any], *, token: str | None, delivery_id: str
     ) -> Outcome:
         try:

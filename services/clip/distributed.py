@@ -49,6 +49,7 @@ from services.clip.jobs import (
 from services.clip.request import ClipSpec, SourceUrl
 from services.clip.settings import ClipSettings
 from services.clip.source import ClipFailed
+from services.common import observability
 from services.common.errors import ErrorDetail, HermesError, Unavailable
 from services.common.http import GuardedClient
 from services.common.ouro import OuroHeaders
@@ -246,6 +247,19 @@ class ArqQueue:
             raise QueueUnavailable(REDIS_DOWN) from exc
         return job.view if job is not None else None
 
+    async def stats(self) -> dict[str, int]:
+        """Only the queue's depth: counting every job's state would scan Redis."""
+        try:
+            return {"queued": await self.store.queued()}
+        except (RedisError, OSError):
+            return {}
+
+    async def ping(self) -> bool:
+        try:
+            return bool(await self.store.redis.ping())
+        except (RedisError, OSError):
+            return False
+
     async def close(self) -> None:
         await self.store.redis.aclose()
 
@@ -293,6 +307,8 @@ async def clip_job(ctx: dict[str, Any], job_id: str) -> None:
     job = await store.load(job_id)
     if job is None or job.view.finished:
         return
+    observability.job_id.set(job_id)
+    observability.action_id.set(job.ouro.action_id)
     view = job.view
     view.status, view.started_at, view.tries = JobStatus.running, time.time(), ctx["job_try"]
     view.stage, view.progress = "starting", 0.0
@@ -360,6 +376,8 @@ async def deliver_webhook(ctx: dict[str, Any], job_id: str) -> None:
     body = await store.load_webhook(job_id)
     if job is None or body is None or job.ouro.webhook_url is None:
         return
+    observability.job_id.set(job_id)
+    observability.action_id.set(job.ouro.action_id)
     attempt = int(ctx["job_try"])
     outcome = await state.sender.attempt(
         job.ouro.webhook_url, body, token=job.ouro.webhook_token, delivery_id=job_id

@@ -27,6 +27,7 @@ from services.clip.pipeline import ClipResult, make_clip
 from services.clip.request import ClipSpec, safe_filename
 from services.clip.settings import ClipSettings
 from services.clip.source import ClipFailed
+from services.common import observability
 from services.common.errors import ErrorDetail, HermesError, Unavailable
 from services.common.ouro import OuroHeaders, OutputFile, WebhookBody
 
@@ -117,6 +118,10 @@ class ClipQueue(Protocol):
     async def file(self, job_id: str) -> JobFile | None: ...
 
     async def cancel(self, job_id: str) -> JobView | None: ...
+
+    async def stats(self) -> dict[str, int]:
+        """Jobs by status, as far as this queue can count them cheaply."""
+        ...
 
     async def close(self) -> None: ...
 
@@ -280,6 +285,12 @@ class EmbeddedQueue:
                 await job.task
         return job.view if job is not None else None
 
+    async def stats(self) -> dict[str, int]:
+        counts = dict.fromkeys(JobStatus, 0)
+        for job in self._jobs.values():
+            counts[job.view.status] += 1
+        return {status.value: count for status, count in counts.items()}
+
     async def close(self) -> None:
         """Cancel running jobs; their error webhooks get a few seconds to go out."""
         for job in self._jobs.values():
@@ -305,6 +316,8 @@ class EmbeddedQueue:
 
     async def _run(self, job: _Job) -> None:
         view = job.view
+        observability.job_id.set(view.job_id)
+        observability.action_id.set(job.ouro.action_id)
         try:
             async with self._slots:
                 view.status, view.started_at, view.tries = JobStatus.running, time.time(), 1

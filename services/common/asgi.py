@@ -6,6 +6,9 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -16,6 +19,7 @@ from services.common.errors import (
     error_response,
     install_error_handlers,
 )
+from services.common.observability import Metrics, ObservabilityMiddleware
 from services.common.ouro import check_service_secret
 from services.common.settings import CommonSettings
 
@@ -67,7 +71,15 @@ class BodyLimitMiddleware:
         await send({"type": "http.response.body", "body": body.encode()})
 
 
-OPEN_PATHS = frozenset({"/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc", "/healthz"})
+OPEN_PATHS = frozenset(
+    {"/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc", "/healthz", "/readyz", "/metrics"}
+)
+Readiness = Callable[[FastAPI], Awaitable[dict[str, bool]]]
+
+
+class ReadyBody(BaseModel):
+    status: str = Field(description="`ready` or `not_ready`.")
+    checks: dict[str, bool] = Field(description="Each dependency and whether it answers.")
 
 
 def create_base_app(
@@ -76,10 +88,14 @@ def create_base_app(
     title: str,
     description: str,
     lifespan: Callable[[FastAPI], Any] | None = None,
+    readiness: Readiness,
+    refresh_metrics: Callable[[FastAPI], Awaitable[None]] | None = None,
 ) -> FastAPI:
     app = FastAPI(title=title, description=description, version="0.1.0", lifespan=lifespan)
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
+    metrics = Metrics()
+    app.state.metrics = metrics
 
     @app.middleware("http")
     async def ouro_auth(request: Request, call_next: Callable[[Request], Awaitable[Any]]) -> Any:
@@ -90,8 +106,35 @@ def create_base_app(
                 return error_response(exc)
         return await call_next(request)
 
+    app.add_middleware(ObservabilityMiddleware, metrics=metrics)
+
     @app.get("/healthz", tags=["health"], summary="Liveness")
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
+
+    @app.get(
+        "/readyz",
+        tags=["health"],
+        summary="Readiness",
+        response_model=ReadyBody,
+        responses={503: {"model": ReadyBody, "description": "A dependency is missing."}},
+    )
+    async def readyz(request: Request) -> JSONResponse:
+        checks = await readiness(request.app)
+        ready = all(checks.values())
+        body = ReadyBody(status="ready" if ready else "not_ready", checks=checks)
+        return JSONResponse(body.model_dump(), status_code=200 if ready else 503)
+
+    @app.get(
+        "/metrics",
+        tags=["health"],
+        summary="Metrics in Prometheus text format",
+        response_class=Response,
+        responses={200: {"content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}}}},
+    )
+    async def metrics_text(request: Request) -> Response:
+        if refresh_metrics is not None:
+            await refresh_metrics(request.app)
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return app
