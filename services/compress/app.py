@@ -84,6 +84,11 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         pool.close()
 
 
+async def _readiness(app: FastAPI) -> dict[str, bool]:
+    pool: CodecPool | None = getattr(app.state, "pool", None)
+    return {"codec_pool": pool is not None and pool.alive()}
+
+
 def create_app(settings: CompressSettings | None = None) -> FastAPI:
     settings = settings or CompressSettings()
     app = create_base_app(
@@ -91,6 +96,7 @@ def create_app(settings: CompressSettings | None = None) -> FastAPI:
         title="hermes-media: compress-an-image",
         description="Compress an image while maintaining its current format.",
         lifespan=_lifespan,
+        readiness=_readiness,
     )
     app.state.settings = settings
     limits = Limits(

@@ -53,5 +53,9 @@ class CodecPool:
                 self._executor = self._new_executor()
             raise InvalidInput("The image could not be decoded.") from exc
 
+    def alive(self) -> bool:
+        """Whether the pool can take work (a broken pool is replaced on its next use)."""
+        return not getattr(self._executor, "_broken", False)
+
     def close(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)
