@@ -321,7 +321,7 @@ async def clip_job(ctx: dict[str, Any], job_id: str) -> None:
     try:
         with job_directory(settings.clip_work_dir, job_id) as workdir:
             try:
-                facts, data = await run_job(job.clip_spec(), workdir, settings, report)
+                facts, data = await run_job(job.clip_spec(), workdir, settings, report, job.ouro)
             finally:
                 shutil.rmtree(workdir, ignore_errors=True)
     except ClipFailed as exc:

@@ -23,6 +23,7 @@ from typing import Any, Protocol
 from pydantic import BaseModel, Field
 
 from services.clip.delivery import WebhookSender
+from services.clip.ouro_log import RunLog
 from services.clip.pipeline import ClipResult, make_clip
 from services.clip.request import ClipSpec, safe_filename
 from services.clip.settings import ClipSettings
@@ -204,18 +205,38 @@ def remove_stale_directories(root: Path) -> list[str]:
 
 
 async def run_job(
-    spec: ClipSpec, workdir: Path, settings: ClipSettings, report: Callable[[str, float], None]
+    spec: ClipSpec,
+    workdir: Path,
+    settings: ClipSettings,
+    report: Callable[[str, float], None],
+    ouro: OuroHeaders,
 ) -> tuple[ClipFacts, bytes]:
-    """One run of a clip job, within the job time limit; the MP4's bytes and its facts."""
+    """One run of a clip job, within the job time limit; the MP4's bytes and its facts.
+
+    Its steps also go to the run's log on Ouro when an API key is configured.
+    """
+    run_log = RunLog(settings, ouro)
+
+    def step(stage: str, progress: float) -> None:
+        report(stage, progress)
+        run_log.step(stage, progress)
+
     try:
         async with asyncio.timeout(settings.clip_job_timeout_seconds):
-            result = await make_clip(spec, workdir, settings, report)
+            result = await make_clip(spec, workdir, settings, step)
+        data = await asyncio.to_thread(result.path.read_bytes)
+        facts = facts_of(spec, result)
+        run_log.note(f"Clip ready: {facts.clip_duration:.2f} s, {facts.bytes} bytes.")
+        return facts, data
     except TimeoutError as exc:
-        raise JobTimeout(
-            f"The job took longer than {settings.clip_job_timeout_seconds:g} s."
-        ) from exc
-    data = await asyncio.to_thread(result.path.read_bytes)
-    return facts_of(spec, result), data
+        error = JobTimeout(f"The job took longer than {settings.clip_job_timeout_seconds:g} s.")
+        run_log.note(error.message, "error")
+        raise error from exc
+    except HermesError as exc:
+        run_log.note(exc.message, "error")
+        raise
+    finally:
+        await run_log.aclose()
 
 
 @dataclass
@@ -341,7 +362,7 @@ class EmbeddedQueue:
             view.stage, view.progress = stage, max(view.progress, round(progress, 4))
 
         with job_directory(self.settings.clip_work_dir, view.job_id) as workdir:
-            facts, data = await run_job(job.spec, workdir, self.settings, report)
+            facts, data = await run_job(job.spec, workdir, self.settings, report, job.ouro)
             for leftover in workdir.iterdir():
                 if leftover.name not in (LOCK_FILE, "clip.mp4"):
                     leftover.unlink()

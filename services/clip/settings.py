@@ -6,7 +6,7 @@ import tempfile
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import Field, field_validator
+from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import NoDecode
 
 from services.common.settings import CommonSettings
@@ -118,6 +118,19 @@ class ClipSettings(CommonSettings):
             "With a Standard Webhooks secret (whsec_...), deliveries also carry webhook-id, "
             "webhook-timestamp and webhook-signature headers."
         ),
+    )
+    ouro_api_key: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("OURO_API_KEY", "ouro_api_key"),
+        description=(
+            "The service owner's Ouro API key: with it, clip jobs write their steps and "
+            "progress to the run's log on Ouro. Without it, nothing is sent."
+        ),
+    )
+    ouro_backend_url: str = Field(
+        default="https://api.ouro.foundation",
+        validation_alias=AliasChoices("OURO_BACKEND_URL", "ouro_backend_url"),
+        description="Ouro's API, for run logs.",
     )
     redis_url: str | None = Field(
         default=None,
