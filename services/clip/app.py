@@ -170,7 +170,7 @@ def create_app(settings: ClipSettings | None = None) -> FastAPI:
                     "Location": {"description": "/jobs/{job_id}", "schema": {"type": "string"}}
                 }
             },
-            **error_responses(401, 422, 503),
+            **error_responses(400, 401, 422, 503),
         },
         callbacks=webhooks.routes,
         openapi_extra={

@@ -6,6 +6,7 @@ video id, times become numbers, and the name only ever becomes asset metadata.
 
 from __future__ import annotations
 
+import math
 import re
 import unicodedata
 from dataclasses import dataclass
@@ -13,7 +14,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from services.common.errors import InvalidInput
 
-VIDEO_ID = re.compile(r"^[A-Za-z0-9_-]{11}$")
+VIDEO_ID = re.compile(r"[A-Za-z0-9_-]{11}")
 YOUTUBE_HOSTS = frozenset(
     {
         "youtube.com",
@@ -73,7 +74,7 @@ class ClipSpec:
 def parse_source(raw: str, extra_hosts: frozenset[str]) -> SourceUrl:
     """A YouTube video link rebuilt as watch?v=<id>, or a URL on an admitted extra host."""
     text = raw.strip()
-    if VIDEO_ID.match(text):
+    if VIDEO_ID.fullmatch(text):
         return _youtube(text)
     try:
         parts = urlsplit(text)
@@ -110,7 +111,7 @@ def _video_id(host: str, path: str, query: str) -> str:
         candidate = segments[1]
     else:
         raise InvalidUrl("youtube_url does not point to a YouTube video.")
-    if not VIDEO_ID.match(candidate):
+    if not VIDEO_ID.fullmatch(candidate):
         raise InvalidUrl("youtube_url does not contain a valid 11-character video id.")
     return candidate
 
@@ -128,7 +129,13 @@ def parse_time(raw: str, field: str) -> float:
     value = float(seconds)
     if minutes is not None and (int(minutes) >= 60 or value >= 60):
         raise InvalidTime(f"{field}: minutes and seconds must be under 60; got {raw!r}.")
-    return int(hours or 0) * 3600 + int(minutes or 0) * 60 + value
+    try:
+        total = int(hours or 0) * 3600 + int(minutes or 0) * 60 + value
+    except (OverflowError, ValueError) as exc:
+        raise InvalidTime(f"{field} is too large; got {raw[:20]!r}…") from exc
+    if not math.isfinite(total):
+        raise InvalidTime(f"{field} is too large; got {raw[:20]!r}…")
+    return total
 
 
 def clean_name(raw: str | None, max_length: int) -> str | None:

@@ -123,7 +123,12 @@ async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
 
 async def _http_error(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
-    codes = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
+    codes = {
+        400: "invalid_body",
+        404: "not_found",
+        405: "method_not_allowed",
+        413: "payload_too_large",
+    }
     code = codes.get(exc.status_code, "http_error")
     return _response(exc.status_code, code, str(exc.detail))
 
