@@ -12,6 +12,7 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from services.common.docs import STATIC_PREFIX, install_docs
 from services.common.errors import (
     ErrorBody,
     ErrorDetail,
@@ -91,7 +92,16 @@ def create_base_app(
     readiness: Readiness,
     refresh_metrics: Callable[[FastAPI], Awaitable[None]] | None = None,
 ) -> FastAPI:
-    app = FastAPI(title=title, description=description, version="0.1.0", lifespan=lifespan)
+
+    app = FastAPI(
+        title=title,
+        description=description,
+        version="0.1.0",
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+    )
+    install_docs(app)
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
     metrics = Metrics()
@@ -99,7 +109,8 @@ def create_base_app(
 
     @app.middleware("http")
     async def ouro_auth(request: Request, call_next: Callable[[Request], Awaitable[Any]]) -> Any:
-        if request.url.path not in OPEN_PATHS:
+        path = request.url.path
+        if path not in OPEN_PATHS and not path.startswith(STATIC_PREFIX):
             try:
                 check_service_secret(request, settings.ouro_service_secret)
             except HermesError as exc:
