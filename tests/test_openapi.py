@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from services.cli import SERVICES, settings_table, write_openapi
+from services.common.asgi import ouro_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -54,3 +55,12 @@ def test_readme_opens_with_the_two_commands() -> None:
         "make test   # ruff, mypy and the whole test suite",
         "```",
     ]
+
+
+@pytest.mark.parametrize("name", sorted(SERVICES))
+def test_ouro_spec_holds_only_the_ouro_route(name: str) -> None:
+    spec = ouro_spec(SERVICES[name].create_app().openapi())
+    operations = [op for item in spec["paths"].values() for op in item.values()]
+    assert len(operations) == 1
+    assert operations[0]["summary"] in ("Compress an image", "Download a clip from YouTube")
+    assert "x-ouro-execution-mode" in operations[0]

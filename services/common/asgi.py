@@ -73,8 +73,34 @@ class BodyLimitMiddleware:
 
 
 OPEN_PATHS = frozenset(
-    {"/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc", "/healthz", "/readyz", "/metrics"}
+    {
+        "/openapi.json",
+        "/ouro/openapi.json",
+        "/docs",
+        "/docs/oauth2-redirect",
+        "/redoc",
+        "/healthz",
+        "/readyz",
+        "/metrics",
+    }
 )
+OURO_MODE = "x-ouro-execution-mode"
+
+
+def ouro_spec(spec: dict[str, Any]) -> dict[str, Any]:
+    """The spec Ouro registers from: only the operations that are Ouro routes.
+
+    Ouro makes one route per operation, so the job, health and upload endpoints, which serve
+    direct callers and operators, stay out of it.
+    """
+    paths = {}
+    for path, operations in spec["paths"].items():
+        kept = {verb: op for verb, op in operations.items() if OURO_MODE in op}
+        if kept:
+            paths[path] = kept
+    return {**spec, "paths": paths}
+
+
 Readiness = Callable[[FastAPI], Awaitable[dict[str, bool]]]
 
 
@@ -118,6 +144,10 @@ def create_base_app(
         return await call_next(request)
 
     app.add_middleware(ObservabilityMiddleware, metrics=metrics)
+
+    @app.get("/ouro/openapi.json", include_in_schema=False)
+    async def ouro_openapi() -> JSONResponse:
+        return JSONResponse(ouro_spec(app.openapi()))
 
     @app.get("/healthz", tags=["health"], summary="Liveness")
     async def healthz() -> dict[str, str]:
