@@ -567,6 +567,20 @@ def _verdict(passed: bool) -> str:
     return "PASS" if passed else "FAIL"
 
 
+def _cpu_pressure() -> str:
+    """Linux's CPU pressure over the last 5 minutes: how much other work competed with the run."""
+    try:
+        some = Path("/proc/pressure/cpu").read_text().splitlines()[0]
+    except (OSError, IndexError):
+        return ""
+    fields = dict(field.split("=") for field in some.split()[1:])
+    return (
+        f" CPU pressure over the last 5 minutes (`/proc/pressure/cpu`, some avg300): "
+        f"{fields.get('avg300', '?')}% of the time some task waited for a CPU; the HTTP "
+        "ratios (section 4) are the figures most sensitive to other load on the machine."
+    )
+
+
 def _nproc() -> str:
     return subprocess.run(["nproc"], capture_output=True, text=True, check=True).stdout.strip()
 
@@ -578,8 +592,7 @@ def _baseline_text(fmt: str) -> str:
 
 def _header(plan: Plan) -> list[str]:
     libraries = ", ".join(
-        f"{name} {version(name)}"
-        for name in ("pyjpegli", "mozjpeg-lossless-optimization", "pyoxipng", "imagequant")
+        f"{name} {version(name)}" for name in ("pyvips", "pyvips-binary", "pyoxipng", "imagequant")
     )
     return [
         "# Compression benchmark: `compress()` against Pillow",
@@ -756,7 +769,7 @@ def run(plan: Plan) -> str:
             [f"HTTP two clients >= {HTTP_TWO_GOAL}x one client", _verdict(two_passed)],
         ],
     )
-    lines += ["", f"Whole run: {time.perf_counter() - started:.0f} s.", ""]
+    lines += ["", f"Whole run: {time.perf_counter() - started:.0f} s.{_cpu_pressure()}", ""]
     return "\n".join(lines)
 
 

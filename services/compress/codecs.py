@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import imagequant
 import oxipng
 import pillow_heif
-import pyvips  # type: ignore[import-untyped]
+import pyvips
 from PIL import Image, ImageFile, ImageSequence, PngImagePlugin, UnidentifiedImageError
 
 from services.common.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
@@ -36,6 +36,12 @@ pyvips.concurrency_set(1)
 pyvips.cache_set_max(0)
 
 ORIENTATION_TAG = 0x0112
+# What Pillow's decoders and encoders raise on hostile or damaged files: libtiff, for one,
+# surfaces bad tags as TypeError and RuntimeError. Each becomes a 422, never a 500.
+DECODER_ERRORS = (
+    OSError, SyntaxError, ValueError, EOFError, struct.error, TypeError, RuntimeError,
+    IndexError, KeyError, ZeroDivisionError, MemoryError,
+)  # fmt: skip
 EXIF_TAG_IN_PNG = b"eXIf"
 PNG_TEXT_CHUNKS = frozenset({b"tEXt", b"zTXt", b"iTXt", b"tIME"})
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -92,7 +98,7 @@ def compress(data: bytes, *, quality: int, strip_metadata: bool, limits: Limits)
     try:
         image.load()
         encoded = _encode(image, data, fmt, quality, _metadata(image, strip_metadata))
-    except (OSError, SyntaxError, ValueError, EOFError, struct.error) as exc:
+    except DECODER_ERRORS as exc:
         raise InvalidInput(f"The {fmt.extension.upper()} file is damaged or truncated.") from exc
     smaller = len(encoded) < len(data)
     return Compressed(
@@ -117,11 +123,11 @@ def _open(data: bytes, limits: Limits) -> Image.Image:
         ) from exc
     except Image.DecompressionBombError as exc:
         raise PayloadTooLarge(_too_many_pixels(limits)) from exc
-    except (OSError, SyntaxError, ValueError, EOFError, struct.error) as exc:
+    except DECODER_ERRORS as exc:
         raise InvalidInput("The image header is damaged or truncated.") from exc
     try:
         frames = _frame_count(image)
-    except (OSError, SyntaxError, ValueError, EOFError, struct.error) as exc:
+    except DECODER_ERRORS as exc:
         raise InvalidInput("The image is damaged or truncated.") from exc
     if frames > limits.max_frames:
         raise PayloadTooLarge(f"The image has {frames} frames; the limit is {limits.max_frames}.")
@@ -183,11 +189,14 @@ def _encode(
     return _ico(image)
 
 
-# JPEG: mozjpeg (the libjpeg that pyvips-binary's libvips is built with) encodes progressive
-# scans with optimised Huffman tables and quantisation table 5 (Klein, Silverstein and Carney),
-# always 4:2:0 like Pillow. Trellis quantisation and scan optimisation are off: they cost 2 to 5
-# times Pillow's time and did not lower the bytes at an equal SSIMULACRA2 score. Greyscale and
-# CMYK (Adobe, inverted like Pillow's) keep their colour model.
+# JPEG: mozjpeg (the libjpeg in pyvips-binary's libvips) with quantisation table 5 (Klein,
+# Silverstein and Carney), progressive scans and optimised Huffman tables, 4:2:0 at every quality
+# as Pillow does. Against Pillow's optimize+progressive at an equal SSIMULACRA2 score on four
+# photos at quality 60-95 this measured 0.94x the bytes at about 1.2-1.3x the time; jpegli alone
+# was 0.98x (0.8x time), jpegli with mozjpeg's lossless scan optimisation 0.91x (2.6x time) and
+# mozjpeg with trellis quantisation and every other option 0.95x (5-6x time): trellis and table 3
+# cut bytes at the same number but cut the score about as much. Greyscale stays greyscale and
+# CMYK stays Adobe CMYK, inverted as Pillow writes and reads it.
 def _jpeg(image: Image.Image, quality: int, meta: Metadata) -> bytes:
     if image.mode not in ("L", "RGB", "CMYK"):
         image = image.convert("RGB")
@@ -209,7 +218,13 @@ def _jpeg(image: Image.Image, quality: int, meta: Metadata) -> bytes:
 
 
 def _mozjpeg_quality(quality: int) -> int:
-    return quality
+    """Pillow's number, lowered where table 5 still scores as well: by 3 up to 77, 2 at 78-82,
+    1 at 83-87 and not from 88.
+
+    Measured on four photos at 30 to 98: SSIMULACRA2 mean +0.14 against Pillow's at the same
+    number (lowest -1.2, at 98, where the number is used as it is), at 0.92x its bytes.
+    """
+    return max(1, quality - min(3, max(0, round((90 - quality) / 5))))
 
 
 def _with_jpeg_markers(jpeg: bytes, meta: Metadata, *, adobe: bool) -> bytes:
