@@ -723,14 +723,21 @@ def test_the_webhook_client_allows_no_redirect() -> None:
 
 # --- a pixel bomb ----------------------------------------------------------------------------
 
+# VmHWM is this process's own peak RSS; ru_maxrss would carry the pytest worker's peak over
+# fork and exec.
 BOMB_PROBE = """
-import json, resource, sys, time
+import json, re, sys, time
+from pathlib import Path
 from services.common.errors import PayloadTooLarge
 from services.compress.codecs import Limits, compress
 
+def peak_kb():
+    status = Path("/proc/self/status").read_text()
+    return int(re.search(r"VmHWM:\\s+(\\d+) kB", status).group(1))
+
 max_pixels = int(sys.argv[1])
 data = sys.stdin.buffer.read()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+before = peak_kb()
 started = time.perf_counter()
 try:
     compress(data, quality=85, strip_metadata=False,
@@ -741,7 +748,7 @@ except PayloadTooLarge:
 except Exception as exc:
     outcome = type(exc).__name__
 seconds = time.perf_counter() - started
-after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+after = peak_kb()
 print(json.dumps({"outcome": outcome, "seconds": seconds, "before_kb": before,
                   "peak_kb": after}))
 """

@@ -22,13 +22,15 @@ def test_metrics_count_requests_by_route_and_status(tmp_path: Path) -> None:
     with client(create_compress_app(CompressSettings(compress_workers=1))) as api:
         api.get("/healthz")
         api.get("/healthz")
-        api.post("/compress-an-image/upload", files={"file": ("x.png", b"not an image")})
+        refused = api.post("/compress-an-image/upload", files={"file": ("x.png", b"not an image")})
+        assert refused.status_code == 415, refused.text
         text = api.get("/metrics").text
-    assert 'hermes_http_requests_total{method="GET",route="/healthz",status="200"} 2.0' in text
+    counted = [line for line in text.splitlines() if line.startswith("hermes_http_requests_total")]
+    assert 'hermes_http_requests_total{method="GET",route="/healthz",status="200"} 2.0' in counted
     assert (
         'hermes_http_requests_total{method="POST",route="/compress-an-image/upload",status="415"}'
-        " 1.0" in text
-    )
+        " 1.0" in counted
+    ), counted
     assert 'hermes_http_request_bytes_total{route="/compress-an-image/upload"}' in text
     assert "hermes_http_request_duration_seconds_bucket" in text
 

@@ -114,21 +114,34 @@ class ObservabilityMiddleware:
             received += len(message.get("body", b""))
             return message
 
-        async def counting_send(message: Message) -> None:
-            nonlocal status, sent
-            if message["type"] == "http.response.start":
-                status = int(message["status"])
-            elif message["type"] == "http.response.body":
-                sent += len(message.get("body", b""))
-            await send(message)
+        recorded = False
 
-        try:
-            await self.app(scope, counting_receive, counting_send)
-        finally:
+        def record() -> None:
+            nonlocal recorded
+            if recorded:
+                return
+            recorded = True
             route = getattr(scope.get("route"), "path", "unmatched")
             m = self.metrics
             m.requests.labels(route, scope["method"], str(status)).inc()
             m.duration.labels(route).observe(time.perf_counter() - started)
             m.bytes_in.labels(route).inc(received)
             m.bytes_out.labels(route).inc(sent)
+
+        async def counting_send(message: Message) -> None:
+            nonlocal status, sent
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            elif message["type"] == "http.response.body":
+                sent += len(message.get("body", b""))
+                # Counted before the last chunk leaves, so a client never sees its answer
+                # before the metrics do.
+                if not message.get("more_body", False):
+                    record()
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, counting_send)
+        finally:
+            record()
             action_id.reset(token)
