@@ -336,3 +336,8 @@ def test_request_body_limit(files: tuple[RangeServer, Path]) -> None:
     with client(create_app(settings)) as api:
         error(upload(api, b"\x00" * 10_001), 413, "payload_too_large")
         assert upload(api, b"\x00" * 9_000).status_code == 415
+        json_type = {"content-type": "application/json"}
+        at_limit = api.post("/compress-an-image", content=b" " * 10_000, headers=json_type)
+        assert at_limit.status_code == 422
+        past = api.post("/compress-an-image", content=b" " * 10_001, headers=json_type)
+        error(past, 413, "payload_too_large")
