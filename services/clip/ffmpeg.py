@@ -19,7 +19,7 @@ from functools import cache
 import imageio_ffmpeg
 
 # ffmpeg may only reach the network through these, whatever a playlist says.
-PROTOCOLS = "http,https,tcp,tls,crypto"
+PROTOCOLS = "http,https,httpproxy,tcp,tls,crypto"
 STDERR_KEPT = 16 * 1024
 
 DURATION = re.compile(r"Duration: (\d+):(\d\d):(\d\d(?:\.\d+)?)")

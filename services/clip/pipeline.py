@@ -24,6 +24,7 @@ from pathlib import Path
 import ffmpeg as ffmpeg_python
 
 from services.clip import ffmpeg
+from services.clip.egress import egress_url
 from services.clip.request import ClipSpec
 from services.clip.settings import ClipSettings
 from services.clip.source import (
@@ -95,9 +96,11 @@ async def make_clip(
 ) -> ClipResult:
     report("reading video facts", 0.0)
     await _check_address(spec.source.url, settings)
-    options = ydl_options(
-        spec.source, cookie_file=settings.ytdlp_cookie_file, proxy=settings.ytdlp_proxy
-    )
+    # Without an operator's proxy, yt-dlp and ffmpeg reach the source only through the egress
+    # proxy, which resolves each host once and refuses private addresses. With one, both use
+    # it, since YouTube binds its media URLs to the address that asked for them.
+    proxy = settings.ytdlp_proxy or await egress_url(settings.allow_private_networks)
+    options = ydl_options(spec.source, cookie_file=settings.ytdlp_cookie_file, proxy=proxy)
     info = await asyncio.to_thread(extract, spec.source, options)
     if info.live_status in LIVE_STATES:
         raise LiveNotSupported(
@@ -113,7 +116,7 @@ async def make_clip(
     report("fetching", 0.05)
     span = workdir / SPAN_FILE
     code, log = await ffmpeg.run(
-        _span_args(spec, selection, settings, span),
+        _span_args(spec, selection, settings, span, proxy),
         on_progress=lambda s: report("fetching", 0.05 + (FETCH_SHARE - 0.05) * _share(s, spec)),
     )
     remote = ffmpeg.parse_banner(log)
@@ -199,7 +202,7 @@ def _check_range(spec: ClipSpec, duration: float) -> None:
 
 
 def _span_args(
-    spec: ClipSpec, selection: Selection, settings: ClipSettings, span: Path
+    spec: ClipSpec, selection: Selection, settings: ClipSettings, span: Path, proxy: str
 ) -> list[str]:
     """Copy from the keyframe before the start to the end, keeping the source's timestamps."""
 
@@ -207,6 +210,7 @@ def _span_args(
         options: dict[str, object] = {
             "ss": f"{spec.start:.3f}",
             "to": f"{spec.end:.3f}",
+            "http_proxy": proxy,
             **ffmpeg.http_options(settings.clip_max_range_bytes),
         }
         if headers:

@@ -87,7 +87,11 @@ class ClipSettings(CommonSettings):
     )
     ytdlp_proxy: str | None = Field(
         default=None,
-        description="Proxy URL for yt-dlp's requests (e.g. when this host's IP is blocked).",
+        description=(
+            "Proxy URL for yt-dlp's and ffmpeg's requests to sources (e.g. when this host's IP "
+            "is blocked). Unset, both go through the built-in egress proxy that refuses "
+            "private addresses."
+        ),
     )
     webhook_window_seconds: float = Field(
         default=1800.0,
