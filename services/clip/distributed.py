@@ -40,7 +40,7 @@ from services.clip.jobs import (
     WebhookState,
     error_response,
     job_directory,
-    new_job_id,
+    queued_view,
     remove_stale_directories,
     run_job,
     success_response,
@@ -191,10 +191,7 @@ class ArqQueue:
         queued = await store.queued()
         if queued >= store.settings.clip_max_queued:
             raise QueueFull(f"{queued} clip jobs are already waiting; try again soon.")
-        view = JobView(
-            job_id=new_job_id(), status=JobStatus.queued, progress=0, stage="queued",
-            created_at=time.time(),
-        )  # fmt: skip
+        view = queued_view()
         job = StoredJob(view=view, spec=asdict(spec), ouro=ouro)
         # The record exists before the key is claimed, so a losing duplicate can read it.
         await store.save(job)

@@ -15,6 +15,7 @@ import signal
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cache
+from pathlib import Path
 
 import imageio_ffmpeg
 
@@ -65,6 +66,12 @@ def parse_banner(text: str) -> MediaFacts:
             audio = codec
     start = float(match.group(1)) if (match := START.search(text)) else 0.0
     return MediaFacts(duration, start, video, audio, width, height, fps)
+
+
+async def file_facts(path: Path) -> MediaFacts:
+    """Facts of a local media file, from the banner of ``ffmpeg -i``."""
+    _, banner = await run(["-hide_banner", "-nostdin", "-i", str(path)])
+    return parse_banner(banner)
 
 
 def http_options(max_range_bytes: int) -> dict[str, object]:

@@ -131,6 +131,14 @@ def new_job_id() -> str:
     return uuid.uuid4().hex
 
 
+def queued_view() -> JobView:
+    """A new job, as it is the moment it is accepted."""
+    return JobView(
+        job_id=new_job_id(), status=JobStatus.queued, progress=0, stage="queued",
+        created_at=time.time(),
+    )  # fmt: skip
+
+
 def facts_of(spec: ClipSpec, result: ClipResult) -> ClipFacts:
     name = spec.name or result.title
     return ClipFacts(
@@ -269,10 +277,7 @@ class EmbeddedQueue:
         active = sum(1 for j in self._jobs.values() if not j.view.finished)
         if active >= self.settings.clip_max_queued:
             raise QueueFull(f"{active} clip jobs are already waiting or running; try again soon.")
-        view = JobView(
-            job_id=new_job_id(), status=JobStatus.queued, progress=0, stage="queued",
-            created_at=time.time(),
-        )  # fmt: skip
+        view = queued_view()
         job = _Job(view=view, spec=spec, ouro=ouro)
         self._jobs[view.job_id] = job
         if key is not None:

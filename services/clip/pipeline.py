@@ -132,11 +132,10 @@ async def make_clip(
         )
 
     output = workdir / CLIP_FILE
-    _, banner = await ffmpeg.run(["-hide_banner", "-nostdin", "-i", str(span)])
     # The span keeps the source's timestamps, which start at the source's own start time
     # (not always 0: HLS segments often start at 1.4 s); the clip's times are relative to it.
     at = TimeBase(offset=remote.start)
-    plan = await _smart_plan(spec, span, ffmpeg.parse_banner(banner), settings, at)
+    plan = await _smart_plan(spec, span, await ffmpeg.file_facts(span), settings, at)
     if plan is not None:
         report("cutting", FETCH_SHARE)
         await _smart_cut(spec, span, plan, workdir, output, report, at)
@@ -153,9 +152,7 @@ async def make_clip(
             f"The clip is {size} bytes, over the limit of {settings.clip_max_output_bytes}; "
             "choose a shorter range."
         )
-    made = ffmpeg.parse_banner(
-        (await ffmpeg.run(["-hide_banner", "-nostdin", "-i", str(output)]))[1]
-    )
+    made = await ffmpeg.file_facts(output)
     report("done", 1.0)
     return ClipResult(
         path=output,

@@ -50,15 +50,8 @@ def is_refused_address(ip: IPAddress) -> bool:
         return True
     if any(ip in net for net in _REFUSED_NETWORKS if net.version == ip.version):
         return True
-    return (
-        not ip.is_global
-        or ip.is_multicast
-        or ip.is_reserved
-        or ip.is_loopback
-        or ip.is_link_local
-        or ip.is_private
-        or ip.is_unspecified
-    )
+    # Not global covers loopback, private, link-local and unspecified addresses too.
+    return not ip.is_global or ip.is_multicast or ip.is_reserved
 
 
 async def system_resolver(host: str, port: int) -> list[str]:
