@@ -30,7 +30,7 @@ from services.common.observability import configure_logging
 from services.common.ouro import OuroHeaders
 from services.common.settings import CommonSettings
 from services.compress.app import create_app as create_compress_app
-from services.compress.codecs import Limits
+from services.compress.codecs import DEFAULT_QUALITY, Limits
 from services.compress.formats import ACCEPTED_EXTENSIONS
 from services.compress.pool import CodecPool
 from services.compress.settings import CompressSettings
@@ -133,7 +133,6 @@ def _os_reason(exc: OSError) -> str:
 
 # compress
 
-DEFAULT_QUALITY = 85  # as the route's
 IMAGE_SUFFIXES = frozenset(f".{extension}" for extension in ACCEPTED_EXTENSIONS)
 
 

@@ -17,7 +17,7 @@ from services.common.asgi import create_base_app
 from services.common.errors import PayloadTooLarge, error_responses
 from services.common.http import GuardedClient
 from services.common.ouro import InputFileAsset, OutputFile
-from services.compress.codecs import Compressed, Limits
+from services.compress.codecs import DEFAULT_QUALITY, Compressed, Limits
 from services.compress.formats import ACCEPTED_EXTENSIONS
 from services.compress.pool import CodecPool
 from services.compress.settings import CompressSettings
@@ -31,7 +31,7 @@ QUALITY_DESCRIPTION = (
 
 class CompressRequest(BaseModel):
     file: InputFileAsset = Field(description="The image, as Ouro resolves a file asset.")
-    quality: int = Field(default=85, ge=1, le=100, description=QUALITY_DESCRIPTION)
+    quality: int = Field(default=DEFAULT_QUALITY, ge=1, le=100, description=QUALITY_DESCRIPTION)
     strip_metadata: bool = Field(
         default=False,
         description="Drop EXIF, XMP and comments; the ICC profile and orientation stay.",
@@ -178,7 +178,9 @@ def create_app(settings: CompressSettings | None = None) -> FastAPI:
     async def compress_an_upload(
         request: Request,
         file: Annotated[UploadFile, File(description="The image.")],
-        quality: Annotated[int, Form(ge=1, le=100, description=QUALITY_DESCRIPTION)] = 85,
+        quality: Annotated[
+            int, Form(ge=1, le=100, description=QUALITY_DESCRIPTION)
+        ] = DEFAULT_QUALITY,
         strip_metadata: Annotated[bool, Form(description="Drop EXIF, XMP, comments.")] = False,
     ) -> Response:
         data = await file.read(settings.compress_max_input_bytes + 1)

@@ -35,6 +35,8 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False
 pyvips.concurrency_set(1)
 pyvips.cache_set_max(0)
 
+# Ouro's published example uses 85; the route, the upload form and the CLI default to it.
+DEFAULT_QUALITY = 85
 ORIENTATION_TAG = 0x0112
 # What Pillow's decoders and encoders raise on hostile or damaged files: libtiff, for one,
 # surfaces bad tags as TypeError and RuntimeError. Each becomes a 422, never a 500.
