@@ -8,8 +8,8 @@ import pytest
 from yt_dlp.networking.exceptions import HTTPError, TransportError
 from yt_dlp.utils import DownloadError, ExtractorError, GeoRestrictedError
 
+from services.clip.fetch.source import Format, classify, extract, select, ydl_options
 from services.clip.request import parse_source
-from services.clip.source import Format, classify, extract, select, ydl_options
 
 PREFIX = "ERROR: [youtube] dQw4w9WgXcQ: "
 HINT = (

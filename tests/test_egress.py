@@ -13,10 +13,10 @@ import httpx
 import pytest
 
 from services.clip import pipeline
-from services.clip.egress import EgressProxy
+from services.clip.errors import ClipFailed
+from services.clip.fetch.egress import EgressProxy
 from services.clip.request import build_spec
 from services.clip.settings import ClipSettings
-from services.clip.source import ClipFailed
 from services.common.http import AddressGuard, IPAddress
 from tests.conftest import Media
 

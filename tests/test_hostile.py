@@ -39,10 +39,10 @@ import pytest
 
 from services.clip import pipeline
 from services.clip.delivery import Outcome, WebhookSender, webhook_client
-from services.clip.pipeline import SourceRefused, _check_address
+from services.clip.errors import SourceRefused, SourceUnreachable
+from services.clip.pipeline import _check_address
 from services.clip.request import InvalidUrl, parse_source
 from services.clip.settings import ClipSettings
-from services.clip.source import SourceUnreachable
 from services.common.errors import AddressRefused, FetchFailed
 from services.common.http import AddressGuard, GuardedClient, IPAddress, is_refused_address
 from services.compress import app as compress_app

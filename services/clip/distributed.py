@@ -30,6 +30,7 @@ from redis.asyncio import ConnectionPool
 from redis.exceptions import RedisError
 
 from services.clip.delivery import Outcome, WebhookSender, webhook_client, webhook_sender
+from services.clip.errors import ClipFailed
 from services.clip.jobs import (
     Cancelled,
     JobFile,
@@ -48,7 +49,6 @@ from services.clip.jobs import (
 )
 from services.clip.request import ClipSpec, SourceUrl
 from services.clip.settings import ClipSettings
-from services.clip.source import ClipFailed
 from services.common import observability
 from services.common.errors import ErrorDetail, HermesError, Unavailable
 from services.common.http import GuardedClient

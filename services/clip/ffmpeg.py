@@ -1,8 +1,8 @@
-"""Running ffmpeg: live progress, media facts read from its banner, and process-group kills.
+"""Running ffmpeg: live progress, media facts, packet listings, and mapping its failures.
 
 The binary comes from the imageio-ffmpeg wheel, which has no ffprobe, so facts are read from
-the banner ffmpeg prints about its inputs. Every run is its own process group, killed whole
-when its job ends early.
+the banner ffmpeg prints about its inputs and packets from its ``framecrc`` muxer. Every run is
+its own process group, killed whole when its job ends early.
 """
 
 from __future__ import annotations
@@ -19,6 +19,13 @@ from pathlib import Path
 
 import imageio_ffmpeg
 
+from services.clip.errors import ClipFailed, ProcessingFailed, SourceUnreachable, UnsupportedSource
+
+Report = Callable[[str, float], None]
+Progress = Callable[[float], None]
+GLOBAL = ("-hide_banner", "-nostdin", "-nostats", "-loglevel", "info", "-progress", "pipe:1")
+QUIET = ("-hide_banner", "-nostdin", "-loglevel", "error")
+
 # ffmpeg may only reach the network through these, whatever a playlist says.
 PROTOCOLS = "http,https,httpproxy,tcp,tls,crypto"
 STDERR_KEPT = 16 * 1024
@@ -28,6 +35,7 @@ START = re.compile(r"Duration: [^\n]*?, start: (-?[\d.]+)")
 STREAM = re.compile(r"Stream #\d+:(\d+)[^:]*: (Video|Audio): (\w+)([^\n]*)")
 SIZE = re.compile(r", (\d{2,5})x(\d{2,5})")
 FPS = re.compile(r", ([\d.]+) (?:fps|tbr)")
+TIME_BASE = re.compile(r"^#tb 0: (\d+)/(\d+)$", re.MULTILINE)
 
 
 @cache
@@ -74,6 +82,56 @@ async def file_facts(path: Path) -> MediaFacts:
     return parse_banner(banner)
 
 
+@dataclass(frozen=True)
+class Packet:
+    """One video packet: its presentation time in seconds and whether it is a keyframe."""
+
+    pts: float
+    key: bool
+
+
+async def video_packets(path: Path, listing: Path) -> list[Packet]:
+    """Every packet of the first video stream, in decode order, without decoding anything.
+
+    ``framecrc`` writes one line per packet (``index, dts, pts, duration, size, crc`` and
+    ``F=0x..`` for every packet that is not a plain keyframe). It goes to ``listing``, a file,
+    since an hour of video is far more text than the log of a run keeps.
+    """
+    code, log = await run(
+        [*QUIET, "-copyts", "-i", str(path), "-map", "0:v:0", "-c", "copy",
+         "-f", "framecrc", "-y", str(listing)]
+    )  # fmt: skip
+    if code != 0:
+        raise failure(log)
+    return await asyncio.to_thread(_read_packets, listing)
+
+
+def _read_packets(listing: Path) -> list[Packet]:
+    text = listing.read_text()
+    listing.unlink()
+    base = TIME_BASE.search(text)
+    if base is None:
+        return []
+    unit = int(base.group(1)) / int(base.group(2))
+    packets = []
+    for line in text.splitlines():
+        fields = [f.strip() for f in line.split(",")]
+        if len(fields) >= 6 and fields[0] == "0" and fields[2].lstrip("-").isdigit():
+            key = not any(f.startswith("F=") for f in fields)
+            packets.append(Packet(pts=int(fields[2]) * unit, key=key))
+    return packets
+
+
+def failure(log: str) -> ClipFailed:
+    """The stable failure for an ffmpeg run that did not succeed, from what it printed."""
+    lowered = log.lower()
+    if any(k in lowered for k in ("server returned", "connection", "timed out", "i/o error")):
+        return SourceUnreachable("The video source stopped answering while the clip was cut.")
+    if any(k in lowered for k in ("invalid data found", "does not contain any stream", "moov")):
+        return UnsupportedSource("The source is not a video that can be read.")
+    return ProcessingFailed("The clip could not be cut from this video.")
+
+
 def http_options(max_range_bytes: int) -> dict[str, object]:
     """Input options for a remote source: bounded range requests on one kept-alive connection.
 
@@ -92,7 +150,7 @@ def http_options(max_range_bytes: int) -> dict[str, object]:
 async def run(
     args: Sequence[str],
     *,
-    on_progress: Callable[[float], None] | None = None,
+    on_progress: Progress | None = None,
 ) -> tuple[int, str]:
     """Run ffmpeg in its own process group; kill the group if the caller is cancelled.
 

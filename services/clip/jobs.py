@@ -23,11 +23,11 @@ from typing import Any, Protocol
 from pydantic import BaseModel, Field
 
 from services.clip.delivery import WebhookSender
+from services.clip.errors import ClipFailed
 from services.clip.ouro_log import RunLog
 from services.clip.pipeline import ClipResult, make_clip
 from services.clip.request import ClipSpec, safe_filename
 from services.clip.settings import ClipSettings
-from services.clip.source import ClipFailed
 from services.common import observability
 from services.common.errors import ErrorDetail, HermesError, Unavailable
 from services.common.ouro import OuroHeaders, OutputFile, WebhookBody

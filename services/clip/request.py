@@ -12,6 +12,7 @@ import unicodedata
 from dataclasses import dataclass
 from urllib.parse import parse_qs, urlsplit
 
+from services.clip.errors import RangeOutOfBounds
 from services.common.errors import InvalidInput
 
 VIDEO_ID = re.compile(r"[A-Za-z0-9_-]{11}")
@@ -69,6 +70,21 @@ class ClipSpec:
     @property
     def duration(self) -> float:
         return self.end - self.start
+
+    def check_within(self, video_duration: float) -> None:
+        """Refuse a clip that ends after the video does."""
+        if self.end > video_duration:
+            raise RangeOutOfBounds(
+                f"The video is {clock(video_duration)} long; the clip must end by then, "
+                f"not at {clock(self.end)}."
+            )
+
+
+def clock(seconds: float) -> str:
+    whole = int(seconds)
+    text = f"{whole // 3600:02d}:{whole % 3600 // 60:02d}:{whole % 60:02d}"
+    fraction = seconds - whole
+    return f"{text}.{round(fraction * 1000):03d}" if fraction > 0.0005 else text
 
 
 def parse_source(raw: str, extra_hosts: frozenset[str]) -> SourceUrl:

@@ -9,66 +9,27 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any
 
 import yt_dlp
 from yt_dlp.networking.exceptions import HTTPError, TransportError
 from yt_dlp.utils import DownloadError, GeoRestrictedError, UnsupportedError
 
+from services.clip.errors import (
+    AgeRestricted,
+    ClipFailed,
+    GeoBlocked,
+    LiveNotSupported,
+    MembersOnly,
+    RateLimited,
+    SignInRequired,
+    SourceUnreachable,
+    UnsupportedSource,
+    VideoUnavailable,
+)
 from services.clip.request import SourceUrl
-from services.common.errors import HermesError
 
 logger = logging.getLogger(__name__)
-
-
-class ClipFailed(HermesError):
-    """A job failed; ``code`` says why in a way callers can branch on."""
-
-    status_code = 422
-    code = "clip_failed"
-    transient: ClassVar[bool] = False
-
-
-class VideoUnavailable(ClipFailed):
-    code = "video_unavailable"
-
-
-class AgeRestricted(ClipFailed):
-    code = "age_restricted"
-
-
-class MembersOnly(ClipFailed):
-    code = "members_only"
-
-
-class GeoBlocked(ClipFailed):
-    code = "geo_blocked"
-
-
-class LiveNotSupported(ClipFailed):
-    code = "live_not_supported"
-
-
-class SignInRequired(ClipFailed):
-    code = "sign_in_required"
-
-
-class RateLimited(ClipFailed):
-    code = "rate_limited"
-    transient = True
-
-
-class SourceUnreachable(ClipFailed):
-    code = "source_unreachable"
-    transient = True
-
-
-class UnsupportedSource(ClipFailed):
-    code = "unsupported_source"
-
-
-class RangeOutOfBounds(ClipFailed):
-    code = "range_out_of_bounds"
 
 
 # Checked in order: several messages carry more than one keyword ("Private video. Sign in…",

@@ -1,0 +1,1 @@
+"""Reaching a video source: its facts and formats, the egress proxy, and fetching the span."""
