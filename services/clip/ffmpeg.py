@@ -33,6 +33,7 @@ STDERR_KEPT = 16 * 1024
 DURATION = re.compile(r"Duration: (\d+):(\d\d):(\d\d(?:\.\d+)?)")
 START = re.compile(r"Duration: [^\n]*?, start: (-?[\d.]+)")
 STREAM = re.compile(r"Stream #\d+:(\d+)[^:]*: (Video|Audio): (\w+)([^\n]*)")
+STREAM_START = re.compile(r", start (-?[\d.]+)")
 SIZE = re.compile(r", (\d{2,5})x(\d{2,5})")
 FPS = re.compile(r", ([\d.]+) (?:fps|tbr)")
 TIME_BASE = re.compile(r"^#tb 0: (\d+)/(\d+)$", re.MULTILINE)
@@ -45,6 +46,9 @@ def ffmpeg_exe() -> str:
 
 @dataclass(frozen=True)
 class MediaFacts:
+    """What ``ffmpeg -i`` says of a file; ``start`` is its video's first time (its own, else
+    the file's), the clip's time zero."""
+
     duration: float | None
     start: float
     video_codec: str | None
@@ -63,17 +67,21 @@ def parse_banner(text: str) -> MediaFacts:
     video = audio = None
     width = height = None
     fps = None
+    video_start = None
     for _, kind, codec, rest in STREAM.findall(text):
         if kind == "Video" and video is None:
             video = codec
+            if begins := STREAM_START.search(rest):
+                video_start = float(begins.group(1))
             if size := SIZE.search(rest):
                 width, height = int(size.group(1)), int(size.group(2))
             if rate := FPS.search(rest):
                 fps = float(rate.group(1))
         elif kind == "Audio" and audio is None:
             audio = codec
-    start = float(match.group(1)) if (match := START.search(text)) else 0.0
-    return MediaFacts(duration, start, video, audio, width, height, fps)
+    if video_start is None:
+        video_start = float(match.group(1)) if (match := START.search(text)) else 0.0
+    return MediaFacts(duration, video_start, video, audio, width, height, fps)
 
 
 async def file_facts(path: Path) -> MediaFacts:
@@ -84,21 +92,25 @@ async def file_facts(path: Path) -> MediaFacts:
 
 @dataclass(frozen=True)
 class Packet:
-    """One video packet: its presentation time in seconds and whether it is a keyframe."""
+    """One video packet: its decode and presentation times in seconds, and whether it is a
+    keyframe."""
 
+    dts: float
     pts: float
     key: bool
 
 
-async def video_packets(path: Path, listing: Path) -> list[Packet]:
-    """Every packet of the first video stream, in decode order, without decoding anything.
+async def video_packets(path: Path, listing: Path, *, idr_only: bool = False) -> list[Packet]:
+    """Every packet of the first video stream, in decode order, without decoding anything;
+    with ``idr_only``, only the H.264 packets that hold an IDR picture.
 
     ``framecrc`` writes one line per packet (``index, dts, pts, duration, size, crc`` and
     ``F=0x..`` for every packet that is not a plain keyframe). It goes to ``listing``, a file,
     since an hour of video is far more text than the log of a run keeps.
     """
+    only = ["-bsf:v", "filter_units=pass_types=5"] if idr_only else []
     code, log = await run(
-        [*QUIET, "-copyts", "-i", str(path), "-map", "0:v:0", "-c", "copy",
+        [*QUIET, "-copyts", "-i", str(path), "-map", "0:v:0", "-c", "copy", *only,
          "-f", "framecrc", "-y", str(listing)]
     )  # fmt: skip
     if code != 0:
@@ -118,7 +130,7 @@ def _read_packets(listing: Path) -> list[Packet]:
         fields = [f.strip() for f in line.split(",")]
         if len(fields) >= 6 and fields[0] == "0" and fields[2].lstrip("-").isdigit():
             key = not any(f.startswith("F=") for f in fields)
-            packets.append(Packet(pts=int(fields[2]) * unit, key=key))
+            packets.append(Packet(dts=int(fields[1]) * unit, pts=int(fields[2]) * unit, key=key))
     return packets
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from services.clip import ffmpeg
-from services.clip.cut.smart import cut
+from services.clip.cut.smart import Bounds, cut
 from services.clip.errors import (
     LiveNotSupported,
     OutputTooLarge,
@@ -73,7 +73,7 @@ async def make_clip(
 
     report("fetching", 0.05)
     span = workdir / SPAN_FILE
-    remote = await fetch_span(
+    fetched = await fetch_span(
         spec,
         selection,
         settings,
@@ -81,15 +81,15 @@ async def make_clip(
         proxy,
         on_progress=lambda s: report("fetching", 0.05 + (FETCH_SHARE - 0.05) * _share(s, spec)),
     )
-    duration = info.duration or remote.duration
+    duration = info.duration or fetched.source.duration
 
     # The span keeps the source's timestamps, which start at the source's own start time
     # (not always 0: HLS segments often start at 1.4 s); the clip's times are relative to it.
     output = workdir / CLIP_FILE
+    origin = fetched.source.start
     how = await cut(
         span,
-        remote.start + spec.start,
-        remote.start + spec.end,
+        Bounds(origin + spec.start, origin + spec.end, fetched.audio_shift),
         workdir,
         output,
         settings,

@@ -19,6 +19,7 @@ from __future__ import annotations
 import fcntl
 import functools
 import json
+import re
 import struct
 import subprocess
 from collections.abc import Callable, Iterator, Mapping
@@ -56,6 +57,7 @@ DASH_VIDEO = "video.mp4"
 DASH_AUDIO = "audio.m4a"
 HLS_MASTER = "master.m3u8"
 HLS_MEDIA = "playlist.m3u8"
+_PTS_TIME = re.compile(r"\] n:\s*\d+ pts:\s*-?\d+ pts_time:(-?[\d.]+)")
 
 
 @functools.cache
@@ -143,6 +145,9 @@ def make_source(
     crf: int = 23,
     preset: str = "ultrafast",
     name: str = "source",
+    open_gop: bool = False,
+    variable_rate: bool = False,
+    audio_delay: float = 0,
 ) -> Path:
     """Write (or reuse) ``dir/<name>.mp4``: H.264 + mono AAC, moov first, fixed GOP.
 
@@ -153,6 +158,11 @@ def make_source(
     painted top-left for ``frame_number``; a keyframe falls exactly every ``gop``
     frames. Audio is silence with a ``BEEP_HZ`` beep of ``BEEP_SECONDS`` starting at
     every whole second, so beep ``k`` lines up with frame ``k * fps``.
+
+    ``open_gop`` makes x264 write open GOPs (keyframes whose leading B-frames refer to the GOP
+    before). ``variable_rate`` gives every fifth frame one and a half frame durations, so the
+    frame rate varies (beep ``k`` then lines up with the frame shown at ``k`` seconds).
+    ``audio_delay`` starts the audio that many seconds after the video.
     """
     if width // _BLOCK_WIDTH_DIVISOR < _MIN_BLOCK_PX or height // _BLOCK_HEIGHT_DIVISOR < (
         _MIN_BLOCK_PX
@@ -164,19 +174,26 @@ def make_source(
         raise ValueError(f"more than {1 << FRAME_BITS} frames cannot be numbered")
     target = dir / f"{name}.mp4"
     video = f"testsrc2=size={width}x{height}:rate={fps},{_frame_index_filter()}"
+    if variable_rate:
+        video += f",settb=1/{fps * 60},setpts='(N+floor(N/5)/2)/({fps}*TB)'"
     audio = (
         f"aevalsrc='if(lt(mod(t,1),{BEEP_SECONDS}),"
         f"{_BEEP_AMPLITUDE}*sin(2*PI*{BEEP_HZ}*t),0)':s={AUDIO_RATE}:c=mono"
     )
+    delay = ["-itsoffset", f"{audio_delay}"] if audio_delay else []
     args = [
         "-f", "lavfi", "-i", video,
-        "-f", "lavfi", "-i", audio,
+        *delay, "-f", "lavfi", "-i", audio,
         "-t", f"{seconds}",
         "-c:v", "libx264", "-preset", preset, "-crf", f"{crf}", "-pix_fmt", "yuv420p",
         "-g", f"{gop}", "-keyint_min", f"{gop}", "-sc_threshold", "0",
         "-c:a", "aac", "-ar", f"{AUDIO_RATE}", "-ac", "1",
         "-movflags", "+faststart",
     ]  # fmt: skip
+    if open_gop:
+        args[args.index("-c:a") : args.index("-c:a")] = ["-x264-params", "open-gop=1"]
+    if variable_rate:
+        args[args.index("-c:a") : args.index("-c:a")] = ["-fps_mode", "vfr"]
     return _cached(target, {"ffmpeg": args}, lambda: _run_ffmpeg(["-y", *args, str(target)]))
 
 
@@ -363,6 +380,34 @@ def decode_frames(
     raw = _run_ffmpeg(args)
     frame_size = width * height * 3
     return [raw[at : at + frame_size] for at in range(0, len(raw), frame_size)]
+
+
+def decode_timed_frames(
+    path: Path | str, *, width: int, height: int, ignore_editlist: bool = False
+) -> list[tuple[float, bytes]]:
+    """Every decoded video frame with its presentation time in seconds, as ffmpeg's
+    ``showinfo`` filter reports it (edit lists applied unless ``ignore_editlist``)."""
+    args = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "info"]
+    args += ["-ignore_editlist", "1"] if ignore_editlist else []
+    args += ["-i", str(path), "-map", "0:v:0", "-fps_mode", "passthrough"]
+    args += ["-vf", f"showinfo,scale={width}:{height}", "-f", "rawvideo", "-pix_fmt", "rgb24"]
+    proc = subprocess.run([*args, "pipe:"], capture_output=True, check=True)
+    times = [float(m) for m in _PTS_TIME.findall(proc.stderr.decode(errors="replace"))]
+    frame_size = width * height * 3
+    raw = proc.stdout
+    frames = [raw[at : at + frame_size] for at in range(0, len(raw), frame_size)]
+    if len(times) != len(frames):
+        raise RuntimeError(f"showinfo saw {len(times)} frames, the decoder gave {len(frames)}")
+    return list(zip(times, frames, strict=True))
+
+
+def grey_psnr(first: bytes, second: bytes) -> float:
+    """PSNR in dB of two rgb24 frames of one size, on their luma."""
+    weights = np.array([0.299, 0.587, 0.114])
+    a = np.frombuffer(first, dtype=np.uint8).reshape(-1, 3) @ weights
+    b = np.frombuffer(second, dtype=np.uint8).reshape(-1, 3) @ weights
+    mse = float(np.mean((a - b) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(255**2 / mse)
 
 
 def frame_number(rgb: bytes, width: int, height: int) -> int:

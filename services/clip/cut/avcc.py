@@ -45,21 +45,30 @@ def parameter_sets(units: Iterable[bytes]) -> tuple[list[bytes], list[bytes]]:
     return sps, pps
 
 
-def declare_parameter_sets(path: Path, annexb: Path) -> None:
-    """Rewrite the first ``avc1`` track's ``avcC`` of ``path`` to list every parameter set in
-    ``annexb`` (an Annex B stream of the track's SPS and PPS, deleted after).
+def declared_parameter_sets(path: Path) -> list[bytes]:
+    """The SPS and PPS listed in the first ``avcC`` of an MP4 file."""
+    data = path.read_bytes()
+    found = _find_avcc(data)
+    if found is None:
+        return []
+    _, start, end = found
+    return _listed(data[start + 8 : end])[0]
+
+
+def declare_parameter_sets(path: Path, units: list[bytes]) -> None:
+    """Rewrite the first ``avc1`` track's ``avcC`` of ``path`` to list every SPS and PPS among
+    its own and ``units``.
 
     The ``moov`` box grows or shrinks in place; when it comes before ``mdat`` (faststart), every
     chunk offset moves by the same amount.
     """
-    sps, pps = parameter_sets(nal_units(annexb.read_bytes()))
-    annexb.unlink()
     data = path.read_bytes()
     found = _find_avcc(data)
     if found is None:
         return
     chain, start, end = found
     old = data[start:end]
+    sps, pps = parameter_sets([*_listed(old[8:])[0], *units])
     new = _avcc(old, sps, pps)
     delta = len(new) - len(old)
     if delta == 0 and new == old:
@@ -75,18 +84,24 @@ def declare_parameter_sets(path: Path, annexb: Path) -> None:
     path.write_bytes(bytes(out))
 
 
+def _listed(payload: bytes) -> tuple[list[bytes], int]:
+    """The parameter sets an ``avcC`` payload lists, and where the list ends."""
+    units = []
+    position = 5
+    for count_mask in (0x1F, 0xFF):
+        count = payload[position] & count_mask
+        position += 1
+        for _ in range(count):
+            (length,) = struct.unpack_from(">H", payload, position)
+            units.append(payload[position + 2 : position + 2 + length])
+            position += 2 + length
+    return units, position
+
+
 def _avcc(old: bytes, sps: list[bytes], pps: list[bytes]) -> bytes:
     """A new ``avcC`` box: the old header fields and trailing extension, these sets between."""
     payload = old[8:]
-    position = 6
-    for _ in range(payload[5] & 0x1F):
-        (length,) = struct.unpack_from(">H", payload, position)
-        position += 2 + length
-    count = payload[position]
-    position += 1
-    for _ in range(count):
-        (length,) = struct.unpack_from(">H", payload, position)
-        position += 2 + length
+    _, position = _listed(payload)
     body = bytearray(payload[:5])
     body.append(0xE0 | len(sps))
     for unit in sps:

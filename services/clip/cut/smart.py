@@ -4,15 +4,14 @@ The frames are read from the span's packets (no decoding), so one rule serves ev
 constant or variable frame rate: a frame belongs to the clip when its presentation time falls
 in ``[start, end)``.
 
-Smart cut, when the video is H.264: the frames from ``start`` to the first clean keyframe in
-the clip and from the last clean keyframe to ``end`` are re-encoded with x264 set to the
-source's profile, level and size (and parameter-set ids of their own); the packets between
-the two keyframes are copied. A keyframe is clean when no packet after it in decode order shows
-before it (an open GOP's leading frames would need the GOP before). The parts are joined with
+Smart cut, when the video is H.264: the frames from ``start`` to the first IDR frame in the
+clip and from the last IDR frame to ``end`` are re-encoded with x264 set to the source's
+profile, level and size (and parameter-set ids of their own); the packets between the two
+IDR frames are copied. The parts are joined with
 their exact starting times, so timestamps, and with them variable frame rates, come through
 unchanged, and the MP4 declares every parameter set in its ``avcC`` (see ``avcc``).
 
-Otherwise (another codec, a source taller than the limit, no clean keyframe in the clip) the
+Otherwise (another codec, a source taller than the limit, no IDR frame in the clip) the
 clip is re-encoded whole with x264's veryfast preset. Either way the first frame is the
 source's frame at ``start`` with no edit list hiding a lead-in, and the index is at the front.
 """
@@ -26,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from services.clip import ffmpeg
-from services.clip.cut.avcc import declare_parameter_sets
+from services.clip.cut.avcc import declare_parameter_sets, declared_parameter_sets, nal_units
 from services.clip.errors import ProcessingFailed, RangeOutOfBounds
 from services.clip.settings import ClipSettings
 
@@ -40,23 +39,48 @@ PARTS_SHARE = 0.8
 
 
 @dataclass(frozen=True)
-class Window:
-    """The clip's place in the span: its bounds in the span's timestamps, and its frames."""
+class Bounds:
+    """Where the clip is in the span's timestamps, and how far the span's audio timestamps run
+    ahead of its video's."""
 
     start: float
     end: float
+    audio_shift: float = 0.0
+
+
+@dataclass(frozen=True)
+class Window:
+    """The clip's place in the span: its bounds, and the times of its frames."""
+
+    bounds: Bounds
     frames: tuple[float, ...]
 
     @property
+    def start(self) -> float:
+        return self.bounds.start
+
+    @property
+    def end(self) -> float:
+        return self.bounds.end
+
+    @property
     def duration(self) -> float:
-        return self.end - self.start
+        """From the first frame to the end: what the clip's audio covers."""
+        return self.end - self.frames[0]
+
+    def audio_input(self, span: Path) -> list[str]:
+        """ffmpeg's input options and the span, for the audio that goes with the frames."""
+        begin = self.frames[0] + self.bounds.audio_shift
+        return ["-ss", _at(begin), "-t", f"{self.duration:.6f}", "-i", str(span)]
 
 
 @dataclass(frozen=True)
 class Part:
-    """A run of the clip's frames taken one way: its first frame, its frame count, and how."""
+    """A run of the clip's frames taken one way: its first frame's presentation and decode
+    times, its frame count, and how."""
 
     start: float
+    decode_start: float
     frames: int
     encoded: bool
 
@@ -79,26 +103,30 @@ class Encoder:
 
 async def cut(
     span: Path,
-    start: float,
-    end: float,
+    bounds: Bounds,
     workdir: Path,
     output: Path,
     settings: ClipSettings,
     report: ffmpeg.Report,
 ) -> str:
-    """Write the clip of ``span`` from ``start`` to ``end`` (span timestamps) to ``output``.
+    """Write the clip of ``span`` within ``bounds`` to ``output``.
 
     Returns how: ``smart`` or ``reencode``.
     """
     packets = await ffmpeg.video_packets(span, workdir / "packets.crc")
-    frames = tuple(sorted(p.pts for p in packets if start - EPSILON <= p.pts < end - EPSILON))
+    frames = tuple(
+        sorted(p.pts for p in packets if bounds.start - EPSILON <= p.pts < bounds.end - EPSILON)
+    )
     if not frames:
         raise RangeOutOfBounds("The video has no frames in this range; choose an earlier one.")
-    window = Window(start=start, end=end, frames=frames)
+    window = Window(bounds=bounds, frames=frames)
     facts = await ffmpeg.file_facts(span)
     smart = facts.video_codec == "h264" and 0 < (facts.height or 0) <= settings.clip_max_height
     encoder = await _encoder(span) if smart else None
-    keys = _clean_keys(packets, window) if encoder is not None else []
+    keys = []
+    if encoder is not None:
+        idrs = await ffmpeg.video_packets(span, workdir / "idr.crc", idr_only=True)
+        keys = _idr_keys(idrs, window)
     if encoder is None or not keys:
         report("re-encoding", 0.0)
         await _reencode(span, window, settings, output, report)
@@ -108,27 +136,29 @@ async def cut(
     return "smart"
 
 
-def _clean_keys(packets: list[ffmpeg.Packet], window: Window) -> list[float]:
-    """Times of the keyframes in the clip that a decoder can start from on their own."""
-    clean = []
-    for index, packet in enumerate(packets):
-        if not packet.key or not window.start - EPSILON <= packet.pts < window.end - EPSILON:
-            continue
-        following = packets[index + 1 :]
-        gop = next((i for i, p in enumerate(following) if p.key), len(following))
-        if all(p.pts > packet.pts for p in following[:gop]):
-            clean.append(packet.pts)
-    return clean
+def _idr_keys(idrs: list[ffmpeg.Packet], window: Window) -> list[ffmpeg.Packet]:
+    """The IDR frames in the clip, where copied frames may start and end.
+
+    Only at an IDR frame may a decoder switch to another SPS (H.264, 7.4.1.2.1) and forget
+    every frame before; an open GOP's keyframe is not one, and frames copied from it on would
+    be shown among the encoded ones before them.
+    """
+    return [p for p in idrs if window.start - EPSILON <= p.pts < window.end - EPSILON]
 
 
-def _parts(window: Window, keys: list[float]) -> list[Part]:
+def _parts(window: Window, keys: list[ffmpeg.Packet]) -> list[Part]:
     """Head (encoded), middle (copied) and tail (encoded); the empty ones left out."""
-    first, last = keys[0], keys[-1]
+    first, last = keys[0].pts, keys[-1].pts
     frames = window.frames
     parts = [
-        Part(frames[0], sum(t < first - EPSILON for t in frames), encoded=True),
-        Part(first, sum(first - EPSILON <= t < last - EPSILON for t in frames), encoded=False),
-        Part(last, sum(t >= last - EPSILON for t in frames), encoded=True),
+        Part(frames[0], frames[0], sum(t < first - EPSILON for t in frames), encoded=True),
+        Part(
+            first,
+            keys[0].dts,
+            sum(first - EPSILON <= t < last - EPSILON for t in frames),
+            encoded=False,
+        ),
+        Part(last, keys[-1].dts, sum(t >= last - EPSILON for t in frames), encoded=True),
     ]
     return [part for part in parts if part.frames]
 
@@ -171,7 +201,10 @@ async def _smart_cut(
             # Decoding starts at the keyframe before, and frames before ``start`` are dropped.
             codec = ["-ss", _at(part.start - EPSILON), "-i", str(span), *encoder.args()]
         else:
-            codec = ["-ss", _at(part.start), "-i", str(span), "-c:v", "copy"]
+            # Packets before the keyframe are dropped as they are read (a demuxer's seek may
+            # land on an earlier keyframe, and a copy would start there); a copy starts at the
+            # first keyframe whose decode time is not before ``-ss``.
+            codec = ["-i", str(span), "-ss", _at(part.decode_start), "-c:v", "copy"]
         code, log = await ffmpeg.run(
             [*ffmpeg.QUIET, "-seek_timestamp", "1", *codec, "-map", "0:v:0",
              "-fps_mode", "passthrough", "-frames:v", str(part.frames), "-f", "mpegts", "-y",
@@ -192,27 +225,34 @@ async def _smart_cut(
     listing.write_text("".join(lines))
     code, log = await ffmpeg.run(
         [*ffmpeg.QUIET, "-f", "concat", "-safe", "0", "-i", str(listing),
-         "-seek_timestamp", "1", "-ss", _at(window.frames[0]), "-t", f"{window.duration:.6f}",
-         "-i", str(span), "-map", "0:v:0", "-map", "1:a:0?", "-c:v", "copy",
+         "-seek_timestamp", "1", *window.audio_input(span), "-map", "0:v:0", "-map", "1:a:0?",
+         "-c:v", "copy",
          "-frames:v", str(len(window.frames)), *AUDIO, *MP4, str(output)]
     )  # fmt: skip
     await asyncio.to_thread(_remove, [*written, listing])
     if code != 0:
         raise ProcessingFailed("The clip's parts could not be joined.")
-    await _declare_parameter_sets(output)
+    await _declare_parameter_sets(output, span)
 
 
-async def _declare_parameter_sets(clip: Path) -> None:
-    """List every SPS and PPS the clip's samples carry in its ``avcC``."""
-    sets = clip.with_suffix(".h264")
+async def _declare_parameter_sets(clip: Path, span: Path) -> None:
+    """List in the clip's ``avcC`` every SPS and PPS its samples use: the source's (from the
+    span's ``avcC``: copied frames need them even where no IDR frame carries them in band)
+    and every set the clip carries in band (x264's, at the IDR frames of each encoded part)."""
+    in_band = clip.with_suffix(".h264")
     code, _ = await ffmpeg.run(
         [*ffmpeg.QUIET, "-i", str(clip), "-map", "0:v:0", "-c", "copy",
-         "-bsf:v", "h264_mp4toannexb,filter_units=pass_types=7-8", "-f", "h264", "-y",
-         str(sets)]
+         "-bsf:v", "filter_units=pass_types=7-8", "-f", "h264", "-y", str(in_band)]
     )  # fmt: skip
     if code != 0:
         raise ProcessingFailed("The clip's parts could not be joined.")
-    await asyncio.to_thread(declare_parameter_sets, clip, sets)
+    await asyncio.to_thread(_declare, clip, span, in_band)
+
+
+def _declare(clip: Path, span: Path, in_band: Path) -> None:
+    units = [*declared_parameter_sets(span), *nal_units(in_band.read_bytes())]
+    in_band.unlink()
+    declare_parameter_sets(clip, units)
 
 
 async def _reencode(
@@ -225,8 +265,8 @@ async def _reencode(
     cap = settings.clip_video_bitrate_cap
     args = [
         *ffmpeg.GLOBAL, "-seek_timestamp", "1", "-ss", _at(window.frames[0] - EPSILON),
-        "-i", str(span), "-map", "0:v:0", "-map", "0:a:0?",
-        "-frames:v", str(len(window.frames)), "-t", f"{window.duration:.6f}",
+        "-i", str(span), "-seek_timestamp", "1", *window.audio_input(span),
+        "-map", "0:v:0", "-map", "1:a:0?", "-frames:v", str(len(window.frames)),
         # Only ever scales down: sources with no format short enough come to the limit.
         "-vf", f"scale=-2:'min(ih,{settings.clip_max_height})'", "-fps_mode", "passthrough",
         "-c:v", "libx264", "-preset", "veryfast", "-crf", "20", "-maxrate", cap,

@@ -7,6 +7,7 @@ the container index are fetched.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import ffmpeg as ffmpeg_python
@@ -18,6 +19,15 @@ from services.clip.request import ClipSpec
 from services.clip.settings import ClipSettings
 
 
+@dataclass(frozen=True)
+class Span:
+    """The fetched source's facts, and how far the span's audio timestamps run ahead of its
+    video's for the same moment (a separate audio format counts from its own start)."""
+
+    source: ffmpeg.MediaFacts
+    audio_shift: float
+
+
 async def fetch_span(
     spec: ClipSpec,
     selection: Selection,
@@ -25,8 +35,8 @@ async def fetch_span(
     span: Path,
     proxy: str,
     on_progress: ffmpeg.Progress,
-) -> ffmpeg.MediaFacts:
-    """Copy the span into ``span``; the facts are the remote source's, read from its banner."""
+) -> Span:
+    """Copy the span into ``span``, with the remote source's facts read from its banner."""
     code, log = await ffmpeg.run(
         _span_args(spec, selection, settings, span, proxy), on_progress=on_progress
     )
@@ -41,7 +51,11 @@ async def fetch_span(
             f"The clip needs more than {settings.clip_max_job_disk_bytes} bytes of working "
             "space; choose a shorter range."
         )
-    return remote
+    # A separate audio format has a clock of its own, which starts at its own first sample.
+    shift = 0.0
+    if selection.audio is not None and "Input #1" in log:
+        shift = ffmpeg.parse_banner(log[log.index("Input #1") :]).start - remote.start
+    return Span(source=remote, audio_shift=shift)
 
 
 def _size(path: Path) -> int | None:
