@@ -18,7 +18,7 @@ from services.clip.fetch.egress import EgressProxy
 from services.clip.request import build_spec
 from services.clip.settings import ClipSettings
 from services.common.http import AddressGuard, IPAddress
-from tests.conftest import Media
+from tests.conftest import ORIGINS, Media
 
 
 class Listener:
@@ -105,13 +105,14 @@ def test_private_addresses_are_refused(listeners: tuple[Listener, Listener], hos
     assert first.accepted == 0
 
 
+@pytest.mark.parametrize("media", ORIGINS, indirect=True)
 def test_the_pipeline_fetches_only_through_the_proxy(
     media: Media, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Let the early check pass but make the proxy refuse loopback: nothing reaches the source."""
 
-    async def refusing_proxy(allow_private: bool) -> str:
-        proxy = EgressProxy(AddressGuard(allow_private=False))
+    async def refusing_proxy(allow_private: bool, buffer_bytes: int) -> str:
+        proxy = EgressProxy(AddressGuard(allow_private=False), buffer_bytes)
         return await proxy.start()
 
     monkeypatch.setattr(pipeline, "egress_url", refusing_proxy)

@@ -75,6 +75,16 @@ class ClipSettings(CommonSettings):
             "tens of KiB/s."
         ),
     )
+    clip_proxy_buffer_bytes: int = Field(
+        default=256 * 1024,
+        ge=64 * 1024,
+        description=(
+            "Most of a source's data the egress proxy holds per connection that its client "
+            "(yt-dlp, ffmpeg) has not read yet; what a client abandons, the source never "
+            "sends. One connection's speed is at most this over the round trip to the source "
+            "(256 KiB over 20 ms: about 100 Mbit/s)."
+        ),
+    )
     clip_video_bitrate_cap: str = Field(
         default="5M", description="Peak video bitrate of re-encoded parts (ffmpeg -maxrate)."
     )
