@@ -35,7 +35,9 @@ class ClipSettings(CommonSettings):
         gt=0,
         description=(
             "Largest span a job may fetch to its directory (the job fails with "
-            "job_disk_exceeded past it); its parts and the MP4 take at most as much again."
+            "job_disk_exceeded past it); its parts and the MP4 take at most as much again, "
+            "and the sparse copy of an MP4 source's bytes the span is copied from at most twice "
+            "as much."
         ),
     )
     clip_concurrency: int = Field(default=2, ge=1, description="Clip jobs run at once.")
