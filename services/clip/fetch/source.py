@@ -219,6 +219,8 @@ def _direct_media(url: str, proxy: str | None) -> VideoInfo | None:
             response = client.head(url, headers={"accept-encoding": "identity"})
     except httpx.HTTPError:
         return None
+    if response.status_code >= 500:
+        raise SourceUnreachable("The video source could not be reached; try again later.")
     kind = response.headers.get("content-type", "").split("/")[0].strip().lower()
     if response.status_code != 200 or kind not in ("video", "audio"):
         return None
