@@ -12,17 +12,21 @@ import pytest
 
 from tests.support.media import ffmpeg_exe, make_dash, make_hls, make_source
 from tests.support.rangeserver import RangeServer
+from tests.support.strictorigin import StrictOrigin
 
 MEDIA_CACHE = Path(tempfile.gettempdir()) / "hermes-media-test-media"
 FPS = 25
 WIDTH, HEIGHT = 320, 180
 
 
+ORIGINS = {"strict": StrictOrigin, "range": RangeServer}
+
+
 @dataclass(frozen=True)
 class Media:
     """Sources served over HTTP with Range: a progressive MP4, DASH and HLS renditions."""
 
-    server: RangeServer
+    server: StrictOrigin | RangeServer
     root: Path
 
     @property
@@ -73,6 +77,10 @@ def _live_copy(hls: Path, live: Path) -> None:
 
 
 @pytest.fixture
-def media(media_root: Path) -> Iterator[Media]:
-    with RangeServer(media_root) as server:
+def media(media_root: Path, request: pytest.FixtureRequest) -> Iterator[Media]:
+    """The media behind the project's own range server, or behind the strict origin (the
+    standard library's server, the reference) when a test module parametrizes ``media``
+    indirectly with ``"strict"``: ``pytest.mark.parametrize("media", ORIGINS, indirect=True)``."""
+    origin = ORIGINS[getattr(request, "param", "range")]
+    with origin(media_root) as server:
         yield Media(server=server, root=media_root)

@@ -18,11 +18,12 @@ import pytest
 from services.clip.app import create_app
 from services.clip.ffmpeg import ffmpeg_exe, parse_banner
 from services.clip.settings import ClipSettings
-from tests.conftest import FPS, HEIGHT, WIDTH, Media
+from tests.conftest import FPS, HEIGHT, ORIGINS, WIDTH, Media
 from tests.support.apps import client
 from tests.support.media import beep_onsets, decode_frames, frame_number
 from tests.support.receiver import Receiver, receiver
 
+pytestmark = pytest.mark.parametrize("media", ORIGINS, indirect=True)
 FRAME = 1 / FPS
 SOURCES = {
     "progressive": "s60.mp4",

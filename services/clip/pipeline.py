@@ -57,7 +57,9 @@ async def make_clip(
     # Without an operator's proxy, yt-dlp and ffmpeg reach the source only through the egress
     # proxy, which resolves each host once and refuses private addresses. With one, both use
     # it, since YouTube binds its media URLs to the address that asked for them.
-    proxy = settings.ytdlp_proxy or await egress_url(settings.allow_private_networks)
+    proxy = settings.ytdlp_proxy or await egress_url(
+        settings.allow_private_networks, settings.clip_proxy_buffer_bytes
+    )
     options = ydl_options(spec.source, cookie_file=settings.ytdlp_cookie_file, proxy=proxy)
     info = await asyncio.to_thread(extract, spec.source, options)
     if info.live_status in LIVE_STATES:

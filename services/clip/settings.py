@@ -35,7 +35,9 @@ class ClipSettings(CommonSettings):
         gt=0,
         description=(
             "Largest span a job may fetch to its directory (the job fails with "
-            "job_disk_exceeded past it); its parts and the MP4 take at most as much again."
+            "job_disk_exceeded past it); its parts and the MP4 take at most as much again, "
+            "and the sparse copy of an MP4 source's bytes the span is copied from at most twice "
+            "as much."
         ),
     )
     clip_concurrency: int = Field(default=2, ge=1, description="Clip jobs run at once.")
@@ -73,6 +75,16 @@ class ClipSettings(CommonSettings):
         description=(
             "Largest HTTP range requested from a source: YouTube throttles larger ones to "
             "tens of KiB/s."
+        ),
+    )
+    clip_proxy_buffer_bytes: int = Field(
+        default=256 * 1024,
+        ge=64 * 1024,
+        description=(
+            "Most of a source's data the egress proxy holds per connection that its client "
+            "(yt-dlp, ffmpeg) has not read yet; what a client abandons, the source never "
+            "sends. One connection's speed is at most this over the round trip to the source "
+            "(256 KiB over 20 ms: about 100 Mbit/s)."
         ),
     )
     clip_video_bitrate_cap: str = Field(

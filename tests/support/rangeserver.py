@@ -4,6 +4,9 @@ This module owns ``RangeServer``: it serves a directory with Range support and
 keep-alive, records every request and the body bytes actually written (so tests can
 assert how much a client fetched), can throttle large or open-ended ranges the way
 YouTube does (``ThrottlePolicy``), and can inject error statuses (``fail_next``).
+
+It also accepts absolute-form request targets, which many origins refuse: the reference origin
+for fetch tests is ``tests.support.strictorigin.StrictOrigin``, the standard library's server.
 """
 
 from __future__ import annotations

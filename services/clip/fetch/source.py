@@ -8,9 +8,12 @@ loaded, and no option comes from the caller.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
+import httpx
 import yt_dlp
 from yt_dlp.networking.exceptions import HTTPError, TransportError
 from yt_dlp.utils import DownloadError, GeoRestrictedError, UnsupportedError
@@ -186,6 +189,8 @@ class _YtDlpLogger:
 
 def extract(source: SourceUrl, options: dict[str, Any]) -> VideoInfo:
     """Blocking: read title, duration, live status and formats. Raises ``ClipFailed``."""
+    if not source.is_youtube and (direct := _direct_media(source.url, options.get("proxy"))):
+        return direct
     try:
         with yt_dlp.YoutubeDL(options) as ydl:
             info = ydl.extract_info(source.url, download=False)
@@ -200,6 +205,35 @@ def extract(source: SourceUrl, options: dict[str, Any]) -> VideoInfo:
         live_status=info.get("live_status"),
         formats=formats,
     )
+
+
+def _direct_media(url: str, proxy: str | None) -> VideoInfo | None:
+    """A direct link to a media file, known from a HEAD; None when it is anything else.
+
+    yt-dlp's generic extractor tells the same from a GET it never reads, and the origin sends
+    what its socket buffers hold (megabytes) for nothing. Its answer for such a link is this
+    one: the file is the one format, its name the title; ffmpeg reads the facts.
+    """
+    try:
+        with httpx.Client(proxy=proxy, trust_env=False, timeout=20) as client:
+            response = client.head(url, headers={"accept-encoding": "identity"})
+    except httpx.HTTPError:
+        return None
+    if response.status_code >= 500:
+        raise SourceUnreachable("The video source could not be reached; try again later.")
+    kind = response.headers.get("content-type", "").split("/")[0].strip().lower()
+    if response.status_code != 200 or kind not in ("video", "audio"):
+        return None
+    name = unquote(os.path.splitext(urlsplit(url).path.rstrip("/").rpartition("/")[2])[0])
+    media = Format(
+        url=url,
+        vcodec="none" if kind == "audio" else None,
+        acodec=None,
+        height=None,
+        bitrate=0,
+        protocol=urlsplit(url).scheme,
+    )
+    return VideoInfo(title=name or "clip", duration=None, live_status=None, formats=(media,))
 
 
 def _format(raw: dict[str, Any]) -> Format:

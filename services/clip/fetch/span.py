@@ -1,20 +1,26 @@
-"""Fetching the clip's span: one ffmpeg copies it from the remote source into a local file.
+"""Fetching the clip's span: one ffmpeg copies it from the source into a local file.
 
-ffmpeg seeks in the remote file with bounded range requests on one kept-alive connection, from
-the keyframe before ``start`` to ``end``, keeping the source's timestamps, so only the span and
-the container index are fetched.
+An MP4 source whose index says where its samples are (``fetch.ranges``) is first fetched as
+exactly those byte ranges into a sparse local copy, which ffmpeg reads. Any other source (HLS,
+other containers) ffmpeg reads itself, seeking with bounded range requests on one kept-alive
+connection. Either way the copy runs from the keyframe before ``start`` to ``end`` and keeps the
+source's timestamps.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import ffmpeg as ffmpeg_python
+import httpx
 
 from services.clip import ffmpeg
 from services.clip.errors import DiskLimitExceeded
-from services.clip.fetch.source import Selection
+from services.clip.fetch.ranges import ANALYZE_SECONDS, NotPlannable, fetch_span_bytes
+from services.clip.fetch.source import Format, Selection
 from services.clip.request import ClipSpec
 from services.clip.settings import ClipSettings
 
@@ -36,10 +42,11 @@ async def fetch_span(
     proxy: str,
     on_progress: ffmpeg.Progress,
 ) -> Span:
-    """Copy the span into ``span``, with the remote source's facts read from its banner."""
-    code, log = await ffmpeg.run(
-        _span_args(spec, selection, settings, span, proxy), on_progress=on_progress
-    )
+    """Copy the span into ``span``, with the source's facts read from its banner."""
+    async with _local_copies(spec, selection, settings, span, proxy) as inputs:
+        code, log = await ffmpeg.run(
+            _span_args(spec, selection, settings, span, proxy, inputs), on_progress=on_progress
+        )
     remote = ffmpeg.parse_banner(log)
     if remote.duration is not None:
         spec.check_within(remote.duration)
@@ -65,26 +72,72 @@ def _size(path: Path) -> int | None:
         return None
 
 
-def _span_args(
+@contextlib.asynccontextmanager
+async def _local_copies(
     spec: ClipSpec, selection: Selection, settings: ClipSettings, span: Path, proxy: str
+) -> AsyncIterator[dict[str, Path]]:
+    """Sparse local copies of the span's bytes, by source URL, for the MP4 sources; removed
+    once ffmpeg has copied the span out of them."""
+    copies: dict[str, Path] = {}
+    # The copy holds the span and a little around it (the opening samples, ffmpeg's read past
+    # the end); it is gone before the cut starts.
+    budget = 2 * settings.clip_max_job_disk_bytes
+    try:
+        async with httpx.AsyncClient(
+            proxy=proxy,
+            trust_env=False,
+            timeout=httpx.Timeout(30.0),
+            headers={"accept-encoding": "identity"},
+        ) as client:
+            formats = [f for f in (selection.video, selection.audio) if f is not None]
+            for number, chosen in enumerate(formats):
+                target = span.with_name(f"source-{number}.mp4")
+                try:
+                    budget -= await fetch_span_bytes(
+                        client,
+                        chosen.url,
+                        chosen.headers,
+                        spec.start,
+                        spec.end,
+                        target,
+                        max_range_bytes=settings.clip_max_range_bytes,
+                        max_bytes=budget,
+                    )
+                except NotPlannable:
+                    target.unlink(missing_ok=True)
+                    continue
+                copies[chosen.url] = target
+        yield copies
+    finally:
+        for copy in copies.values():
+            copy.unlink(missing_ok=True)
+
+
+def _span_args(
+    spec: ClipSpec,
+    selection: Selection,
+    settings: ClipSettings,
+    span: Path,
+    proxy: str,
+    local: dict[str, Path],
 ) -> list[str]:
     """Copy from the keyframe before the start to the end, keeping the source's timestamps."""
 
-    def source(url: str, headers: dict[str, str]) -> ffmpeg_python.nodes.FilterableStream:
-        options: dict[str, object] = {
-            "ss": f"{spec.start:.3f}",
-            "to": f"{spec.end:.3f}",
-            "http_proxy": proxy,
-            **ffmpeg.http_options(settings.clip_max_range_bytes),
-        }
-        if headers:
-            options["headers"] = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
-        return ffmpeg_python.input(url, **options)
+    def source(chosen: Format) -> ffmpeg_python.nodes.FilterableStream:
+        options: dict[str, object] = {"ss": f"{spec.start:.3f}", "to": f"{spec.end:.3f}"}
+        if chosen.url in local:
+            # The copy holds the opening seconds the plan gave ffmpeg to learn the streams.
+            options["analyzeduration"] = round(ANALYZE_SECONDS * 1_000_000)
+            return ffmpeg_python.input(str(local[chosen.url]), **options)
+        options |= {"http_proxy": proxy, **ffmpeg.http_options(settings.clip_max_range_bytes)}
+        if chosen.headers:
+            options["headers"] = "".join(f"{k}: {v}\r\n" for k, v in chosen.headers.items())
+        return ffmpeg_python.input(chosen.url, **options)
 
-    main = source(selection.video.url, selection.video.headers)
+    main = source(selection.video)
     streams = [main["v:0"]]
     if selection.audio is not None:
-        streams.append(source(selection.audio.url, selection.audio.headers)["a:0"])
+        streams.append(source(selection.audio)["a:0"])
     else:
         streams.append(main["a:0?"])
     # ffmpeg stops writing past the limit; the size check after the fetch names the failure.
