@@ -5,7 +5,8 @@ rate, audio that starts late, the container), is generated once at a low resolut
 cached, and is clipped through the real pipeline (yt-dlp and ffmpeg, served over HTTP). The
 clip is then compared with the source decoded by ffmpeg, frame by frame: the same count, the
 same painted frame numbers, the same pictures (PSNR of the luma), the same times, with the edit
-list honoured and ignored; and the audio's beeps where the source has them.
+list honoured and ignored; and the audio's beeps where the source has them. The origin is the
+standard library's file server (with Range added), which takes a request as the RFC says.
 """
 
 from __future__ import annotations
@@ -123,6 +124,7 @@ def clip_of(media: Media, relpath: str, start: str, end: str, work: Path) -> Cli
     return asyncio.run(make_clip(spec, work, settings, lambda stage, share: None))
 
 
+@pytest.mark.parametrize("media", ["strict"], indirect=True)
 @pytest.mark.parametrize("clip", sorted(CLIPS))
 @pytest.mark.parametrize("kind", sorted(SOURCES))
 def test_clip_holds_exactly_the_source_frames(

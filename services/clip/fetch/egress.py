@@ -62,7 +62,11 @@ class _Closed(Exception):
 
 
 class _Peer:
-    """One non-blocking socket read through the event loop, with a small read buffer."""
+    """One non-blocking socket read through the event loop, with a small read buffer.
+
+    Time limits are ``asyncio.timeout`` blocks: on Python 3.11 a cancelled ``wait_for`` around
+    ``sock_recv`` was seen to leave the receive pending, so the proxy never finished closing.
+    """
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
@@ -70,7 +74,8 @@ class _Peer:
         self._loop = asyncio.get_running_loop()
 
     async def _fill(self) -> bool:
-        data = await asyncio.wait_for(self._loop.sock_recv(self.sock, CHUNK), IDLE_TIMEOUT)
+        async with asyncio.timeout(IDLE_TIMEOUT):
+            data = await self._loop.sock_recv(self.sock, CHUNK)
         self.buffer += data
         return bool(data)
 
@@ -97,7 +102,8 @@ class _Peer:
         return data
 
     async def send(self, data: bytes) -> None:
-        await asyncio.wait_for(self._loop.sock_sendall(self.sock, data), IDLE_TIMEOUT)
+        async with asyncio.timeout(IDLE_TIMEOUT):
+            await self._loop.sock_sendall(self.sock, data)
 
     def close(self) -> None:
         self.sock.close()
@@ -387,7 +393,8 @@ class EgressProxy:
             # Set before connecting, so the window offered to the origin is small from the start.
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self._socket_buffer)
             try:
-                await asyncio.wait_for(loop.sock_connect(sock, (address, port)), CONNECT_TIMEOUT)
+                async with asyncio.timeout(CONNECT_TIMEOUT):
+                    await loop.sock_connect(sock, (address, port))
                 return sock, address
             except (OSError, TimeoutError) as exc:
                 sock.close()
