@@ -13,10 +13,11 @@ from services.clip.app import create_app
 from services.clip.ffmpeg import ffmpeg_exe
 from tests.conftest import MEDIA_CACHE, Media
 from tests.support.apps import client
-from tests.support.media import make_source
+from tests.support.media import make_dash, make_source
 from tests.test_clip_e2e import ask, settings_for, wait_for_job
 
 SLACK = 256 * 1024
+MEDIA = (".mp4", ".m4a")
 
 
 def moov_size(path: Path) -> int:
@@ -27,6 +28,19 @@ def moov_size(path: Path) -> int:
                 return int(size)
             f.seek(size - 8, 1)
     raise ValueError("no moov")
+
+
+def index_size(path: Path) -> int:
+    """Bytes of a fragmented MP4's ftyp, moov and sidx: what a reader needs before any media."""
+    total = 0
+    with path.open("rb") as f:
+        while header := f.read(8):
+            size, kind = struct.unpack(">I4s", header)
+            if kind not in (b"ftyp", b"moov", b"sidx"):
+                return total
+            total += size
+            f.seek(size - 8, 1)
+    return total
 
 
 def span_bytes(source: Path, start: float, end: float, tmp_path: Path) -> int:
@@ -43,12 +57,12 @@ def span_bytes(source: Path, start: float, end: float, tmp_path: Path) -> int:
 @pytest.mark.parametrize("media", ["strict"], indirect=True)
 @pytest.mark.parametrize(
     ("name", "start", "end"),
-    [("short", "1:04", "1:18.5"), ("long", "5:00", "5:30")],
+    [("short", "1:04", "1:18.5"), ("long", "5:00", "5:30"), ("dash", "1:04", "1:18.5")],
 )
 def test_a_clip_takes_only_its_share_from_the_origin(
     media: Media, tmp_path: Path, name: str, start: str, end: str
 ) -> None:
-    if name == "short":
+    if name in ("short", "dash"):
         # 3 minutes of 640x360 under 1 Mbit/s.
         source = make_source(MEDIA_CACHE, seconds=180, width=640, height=360, fps=25, gop=100,
                              crf=34, name="b180")  # fmt: skip
@@ -59,14 +73,25 @@ def test_a_clip_takes_only_its_share_from_the_origin(
         sum(float(p) * 60**i for i, p in enumerate(reversed(t.split(":")))) for t in (start, end)
     )
     share = span_bytes(source, first, last, tmp_path) + moov_size(source)
+    served = source.name
+    if name == "dash":
+        # YouTube's shape: a video-only and an audio-only fragmented MP4, each with a global
+        # sidx, behind an on-demand manifest; their index is each file's moov and sidx.
+        manifest = make_dash(MEDIA_CACHE / "b180-dash", source)
+        served = str(manifest.relative_to(MEDIA_CACHE))
+        share = span_bytes(source, first, last, tmp_path) + sum(
+            index_size(manifest.with_name(part)) for part in ("video.mp4", "audio.m4a")
+        )
     settings = settings_for(media, tmp_path)
     with client(create_app(settings)) as api:
         media.server.reset()
-        job = ask(api, media.url(source.name), start, end).json()["job_id"]
+        job = ask(api, media.url(served), start, end).json()["job_id"]
         assert wait_for_job(api, job)["status"] == "succeeded"
-    taken = media.server.bytes_sent(source.name)
+    taken = media.server.bytes_sent()
     print(f"{name}: taken {taken} share {share} ratio {taken / share:.3f}")
     assert taken <= 1.3 * share + SLACK
-    ranged = [r for r in media.server.requests if r.method == "GET"]
+    # The manifest is a page read whole; every request for media is a bounded range.
+    ranged = [r for r in media.server.requests if r.method == "GET" and r.path.endswith(MEDIA)]
+    assert ranged
     assert all(r.requested_length is not None for r in ranged), "every GET is a bounded range"
     assert max(r.requested_length or 0 for r in ranged) <= settings.clip_max_range_bytes

@@ -6,8 +6,10 @@ ffmpeg reads to copy the span: the first few of each track (ffmpeg decodes them 
 streams when it opens the file) and those from the keyframe before ``start`` to a little past
 ``end``. Each range is fetched with requests of at most ``max_range_bytes`` through the proxy
 into a sparse local file at the same offsets, which ffmpeg then reads as if it were the source.
-Anything else (fragmented MP4, HLS, other containers, an origin without ranges) is left to
-ffmpeg's own reading.
+A fragmented MP4 with a ``sidx`` (YouTube's DASH formats) is planned by subsegments: the
+initialisation segment and the fragments that cover the span make a shorter fragmented MP4.
+Anything else (HLS, other containers, an origin without ranges) is left to ffmpeg's own
+reading.
 """
 
 from __future__ import annotations
@@ -69,10 +71,11 @@ class Reader:
     async def get(self, first: int, end: int) -> bytes:
         return b"".join([data async for _, data in self._ranges(first, end)])
 
-    async def copy(self, first: int, end: int, target: Path) -> None:
+    async def copy(self, first: int, end: int, target: Path, moved: int = 0) -> None:
+        """Write bytes ``[first, end)`` into ``target`` at their own offsets less ``moved``."""
         with target.open("r+b") as out:
             async for offset, data in self._ranges(first, end):
-                out.seek(offset)
+                out.seek(offset - moved)
                 out.write(data)
 
     async def _ranges(self, first: int, end: int) -> AsyncIterator[tuple[int, bytes]]:
@@ -207,6 +210,28 @@ def _track(moov: bytes, start: int, end: int) -> tuple[bytes, Track] | None:
     )
 
 
+@dataclass(frozen=True)
+class LocalCopy:
+    """What was fetched; for a copy that holds only the span (read whole, no seek), the
+    source's own start and duration in seconds, which the copy's would misstate."""
+
+    fetched: int
+    timeline: tuple[float, float] | None = None
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What to write where: the index pieces (offset in the local file, bytes), the source's
+    byte ranges of samples, and how far each range moves down in the local file."""
+
+    index: list[tuple[int, bytes]]
+    spans: list[Range]
+    moved: int = 0
+    # A sparse copy is as large as the source; a compact one holds only what is written.
+    size: int = 0
+    timeline: tuple[float, float] | None = None
+
+
 async def fetch_span_bytes(
     client: httpx.AsyncClient,
     url: str,
@@ -217,37 +242,39 @@ async def fetch_span_bytes(
     *,
     max_range_bytes: int,
     max_bytes: int,
-) -> int:
+) -> LocalCopy:
     """Copy the bytes ffmpeg needs for ``[start, end)`` of the MP4 at ``url`` into ``target``.
 
-    ``target`` is a sparse file as large as the source. Returns the bytes fetched; raises
-    ``NotPlannable`` before writing anything when the source is not such an MP4, and
+    For a progressive MP4, ``target`` is a sparse file as large as the source, the samples at
+    their own offsets. For a fragmented MP4 with a ``sidx``, it is the initialisation segment
+    followed by the fragments that cover the span (their data offsets are relative to their
+    ``moof``, their times in ``tfdt``), so it reads as a shorter fragmented MP4 to be read
+    whole (ffmpeg's seek in it, with no ``sidx``, was seen to land a fragment late). Raises
+    ``NotPlannable`` before writing anything when the source is neither, and
     ``DiskLimitExceeded`` before fetching the span when it is larger than ``max_bytes``.
     """
     reader = Reader(client, url, headers, max_range_bytes)
-    index, spans = await _plan(reader, start, end)
-    needed = sum(len(data) for _, data in index) + sum(b - a for a, b in spans)
+    plan = await _plan(reader, start, end)
+    needed = sum(len(data) for _, data in plan.index) + sum(b - a for a, b in plan.spans)
     if needed > max_bytes:
         raise DiskLimitExceeded(
             f"The clip needs more than {max_bytes} bytes of working space; choose a shorter range."
         )
     with target.open("wb") as out:
-        out.truncate(reader.size)
-        for offset, data in index:
+        out.truncate(plan.size)
+        for offset, data in plan.index:
             out.seek(offset)
             out.write(data)
     try:
-        for first, last in spans:
-            await reader.copy(first, last, target)
+        for first, last in plan.spans:
+            await reader.copy(first, last, target, plan.moved)
     except NotPlannable as exc:
         raise SourceUnreachable("The video source stopped answering range requests.") from exc
-    return reader.fetched
+    return LocalCopy(fetched=reader.fetched, timeline=plan.timeline)
 
 
-async def _plan(
-    reader: Reader, start: float, end: float
-) -> tuple[list[tuple[int, bytes]], list[Range]]:
-    """The index pieces (offset, bytes) ffmpeg reads to open the file, and the sample ranges."""
+async def _plan(reader: Reader, start: float, end: float) -> Plan:
+    """Read the index with small requests, and plan what else to fetch."""
     head = await reader.get(0, FIRST_BYTES)
     if head[4:8] != b"ftyp":
         raise NotPlannable("not an MP4")
@@ -271,6 +298,8 @@ async def _plan(
             size = reader.size - at
         if size < 8:
             raise NotPlannable("malformed box")
+        if kind == b"sidx" and moov is not None and size <= MAX_INDEX_BYTES:
+            return _fragments_plan(index, at, await read(at, at + size), start, end)
         if kind in (b"ftyp", b"moov") and size <= MAX_INDEX_BYTES:
             box = await read(at, at + size)
             index.append((at, box))
@@ -278,7 +307,7 @@ async def _plan(
                 moov = box
         else:
             index.append((at, header))
-        if moov is not None and kind == b"mdat":
+        if moov is not None and kind in (b"mdat", b"moof"):
             break
         at += size
     if moov is None:
@@ -289,10 +318,51 @@ async def _plan(
         if kind == b"trak" and (found := _track(moov, payload, box_end)) is not None
     ]
     if not tracks:
-        # A fragmented MP4 keeps its samples' places in moof boxes and a sidx. ffmpeg did not
-        # seek through the sidx of a sparse copy in a trial, so it reads those itself.
-        raise NotPlannable("fragmented MP4")
-    return index, _merge(_sample_ranges(tracks, start, end))
+        raise NotPlannable("fragmented MP4 without a sidx")
+    return Plan(index, _merge(_sample_ranges(tracks, start, end)), size=reader.size)
+
+
+def _fragments_plan(
+    index: list[tuple[int, bytes]], at: int, sidx: bytes, start: float, end: float
+) -> Plan:
+    """The initialisation segment and the subsegments a ``sidx`` (ISO/IEC 14496-12, 8.16.3)
+    places from the one holding ``start`` to the one holding a little past ``end``."""
+    init = b"".join(data for _, data in index)
+    version = sidx[8]
+    timescale = struct.unpack_from(">I", sidx, 16)[0]
+    if version == 0:
+        earliest, first_offset = struct.unpack_from(">II", sidx, 20)
+        at_entries = 28
+    else:
+        earliest, first_offset = struct.unpack_from(">QQ", sidx, 20)
+        at_entries = 36
+    (count,) = struct.unpack_from(">H", sidx, at_entries + 2)
+    if not timescale or not count:
+        raise NotPlannable("empty sidx")
+    offset = at + len(sidx) + first_offset
+    time = earliest / timescale
+    chosen: list[Range] = []
+    for number in range(count):
+        reference, duration, _ = struct.unpack_from(">III", sidx, at_entries + 4 + 12 * number)
+        if reference >> 31:
+            raise NotPlannable("a sidx of sidx boxes")
+        size = reference & 0x7FFFFFFF
+        following = time + duration / timescale
+        if following > start and time < end + TAIL_SECONDS:
+            chosen.append((offset, offset + size))
+        offset += size
+        time = following
+    if not chosen:
+        raise NotPlannable("the span is outside the sidx")
+    first, last = chosen[0][0], chosen[-1][1]
+    begin = earliest / timescale
+    return Plan(
+        [(0, init)],
+        [(first, last)],
+        moved=first - len(init),
+        size=len(init) + last - first,
+        timeline=(begin, time - begin),
+    )
 
 
 def _sample_ranges(tracks: list[tuple[bytes, Track]], start: float, end: float) -> list[Range]:

@@ -10,6 +10,7 @@ source's timestamps.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,8 @@ from services.clip.fetch.ranges import ANALYZE_SECONDS, NotPlannable, fetch_span
 from services.clip.fetch.source import Format, Selection
 from services.clip.request import ClipSpec
 from services.clip.settings import ClipSettings
+
+Timeline = tuple[float, float] | None
 
 
 @dataclass(frozen=True)
@@ -47,9 +50,12 @@ async def fetch_span(
         code, log = await ffmpeg.run(
             _span_args(spec, selection, settings, span, proxy, inputs), on_progress=on_progress
         )
-    remote = ffmpeg.parse_banner(log)
-    if remote.duration is not None:
-        spec.check_within(remote.duration)
+        video, audio = (
+            _facts(log, number, inputs.get(chosen.url, (span, None))[1])
+            for number, chosen in enumerate((selection.video, selection.audio or selection.video))
+        )
+    if video.duration is not None:
+        spec.check_within(video.duration)
     size = _size(span)
     if code != 0 or size is None:
         raise ffmpeg.failure(log)
@@ -59,10 +65,18 @@ async def fetch_span(
             "space; choose a shorter range."
         )
     # A separate audio format has a clock of its own, which starts at its own first sample.
-    shift = 0.0
-    if selection.audio is not None and "Input #1" in log:
-        shift = ffmpeg.parse_banner(log[log.index("Input #1") :]).start - remote.start
-    return Span(source=remote, audio_shift=shift)
+    shift = audio.start - video.start if selection.audio is not None else 0.0
+    return Span(source=video, audio_shift=shift)
+
+
+def _facts(log: str, number: int, timeline: Timeline) -> ffmpeg.MediaFacts:
+    """Input ``number``'s facts from the banner; a copy of only the span has the source's own
+    start and duration from the source's index instead."""
+    marker = f"Input #{number}"
+    facts = ffmpeg.parse_banner(log[log.index(marker) :] if marker in log else log)
+    if timeline is None:
+        return facts
+    return dataclasses.replace(facts, start=timeline[0], duration=timeline[1])
 
 
 def _size(path: Path) -> int | None:
@@ -75,10 +89,11 @@ def _size(path: Path) -> int | None:
 @contextlib.asynccontextmanager
 async def _local_copies(
     spec: ClipSpec, selection: Selection, settings: ClipSettings, span: Path, proxy: str
-) -> AsyncIterator[dict[str, Path]]:
-    """Sparse local copies of the span's bytes, by source URL, for the MP4 sources; removed
-    once ffmpeg has copied the span out of them."""
-    copies: dict[str, Path] = {}
+) -> AsyncIterator[dict[str, tuple[Path, Timeline]]]:
+    """Local copies of the span's bytes, by source URL, for the MP4 sources, each with the
+    source's timeline when it holds only the span; removed once ffmpeg has copied the span
+    out of them."""
+    copies: dict[str, tuple[Path, Timeline]] = {}
     # The copy holds the span and a little around it (the opening samples, ffmpeg's read past
     # the end); it is gone before the cut starts.
     budget = 2 * settings.clip_max_job_disk_bytes
@@ -93,7 +108,7 @@ async def _local_copies(
             for number, chosen in enumerate(formats):
                 target = span.with_name(f"source-{number}.mp4")
                 try:
-                    budget -= await fetch_span_bytes(
+                    copy = await fetch_span_bytes(
                         client,
                         chosen.url,
                         chosen.headers,
@@ -106,11 +121,12 @@ async def _local_copies(
                 except NotPlannable:
                     target.unlink(missing_ok=True)
                     continue
-                copies[chosen.url] = target
+                budget -= copy.fetched
+                copies[chosen.url] = (target, copy.timeline)
         yield copies
     finally:
-        for copy in copies.values():
-            copy.unlink(missing_ok=True)
+        for path, _ in copies.values():
+            path.unlink(missing_ok=True)
 
 
 def _span_args(
@@ -119,16 +135,19 @@ def _span_args(
     settings: ClipSettings,
     span: Path,
     proxy: str,
-    local: dict[str, Path],
+    local: dict[str, tuple[Path, Timeline]],
 ) -> list[str]:
     """Copy from the keyframe before the start to the end, keeping the source's timestamps."""
 
     def source(chosen: Format) -> ffmpeg_python.nodes.FilterableStream:
         options: dict[str, object] = {"ss": f"{spec.start:.3f}", "to": f"{spec.end:.3f}"}
         if chosen.url in local:
+            path, timeline = local[chosen.url]
+            if timeline is not None:
+                options = {}
             # The copy holds the opening seconds the plan gave ffmpeg to learn the streams.
             options["analyzeduration"] = round(ANALYZE_SECONDS * 1_000_000)
-            return ffmpeg_python.input(str(local[chosen.url]), **options)
+            return ffmpeg_python.input(str(path), **options)
         options |= {"http_proxy": proxy, **ffmpeg.http_options(settings.clip_max_range_bytes)}
         if chosen.headers:
             options["headers"] = "".join(f"{k}: {v}\r\n" for k, v in chosen.headers.items())
