@@ -48,8 +48,9 @@ from services.clip.ffmpeg import ffmpeg_exe
 from services.clip.pipeline import make_clip
 from services.clip.request import build_spec
 from services.clip.settings import ClipSettings
-from tests.support.media import make_source
-from tests.support.rangeserver import RangeServer, RequestRecord, ThrottlePolicy
+from tests.support.media import make_dash, make_source
+from tests.support.rangeserver import RequestRecord, ThrottlePolicy
+from tests.support.strictorigin import StrictOrigin
 
 CACHE = Path(tempfile.gettempdir()) / "hermes-media-bench"
 YT_DLP = Path(sys.executable).parent / "yt-dlp"
@@ -61,10 +62,13 @@ CRF = 32
 SHORT_MINUTES = 10
 LONG_MINUTES = 60
 CLIP = (300.0, 330.0)
+# A 14.5 s clip of the short low-bitrate source (3 minutes of 640x360 under 1 Mbit/s).
+SMALL_CLIP = (64.0, 78.5)
 LONG_CLIP = (300.0, 360.0)
 THROTTLE = ThrottlePolicy()
 SHARE_GOAL = 2.0
 SPAN_GOAL = 1.3
+SLACK = 256 * 1024
 THROTTLED_GOAL = 1.5
 LONG_SOURCE_GOAL = 1.1
 REENCODE_GOAL = 0.25
@@ -284,6 +288,38 @@ def _concat(base: Path, copies: int, target: Path) -> float:
     return time.perf_counter() - began
 
 
+def _small_source(folder: Path) -> tuple[Source, str, int]:
+    """The 3-minute source, its DASH rendition's manifest path, and that rendition's index
+    bytes (each file's ftyp, moov and sidx)."""
+    began = time.perf_counter()
+    path = make_source(
+        folder, seconds=180, width=640, height=360, fps=FPS, gop=100, crf=34, name="b180"
+    )
+    manifest = make_dash(folder / "b180-dash", path)
+    index_bytes, tracks = _index(path)
+    source = Source(
+        path=path,
+        minutes=3,
+        seconds_to_make=time.perf_counter() - began,
+        index_bytes=index_bytes,
+        clip_span_bytes=_span_bytes(tracks, *SMALL_CLIP),
+        long_clip_span_bytes=0,
+    )
+    dash_index = sum(_head_boxes(manifest.with_name(name)) for name in ("video.mp4", "audio.m4a"))
+    return source, str(manifest.relative_to(folder)), dash_index
+
+
+def _head_boxes(path: Path) -> int:
+    """Bytes of the ftyp, moov and sidx boxes at the start of a fragmented MP4."""
+    total = 0
+    data = path.read_bytes()[: 1 << 20]
+    for kind, _, end in _boxes(data, 0, len(data)):
+        if kind not in (b"ftyp", b"moov", b"sidx"):
+            break
+        total = end
+    return total
+
+
 def _sources(plan: Plan) -> tuple[float, Source, Source]:
     """Seconds the base encode took (0 if cached), and the 10- and 60-minute sources."""
     folder = CACHE / f"{plan.height}p"
@@ -325,28 +361,37 @@ def _sources(plan: Plan) -> tuple[float, Source, Source]:
 class Bench:
     """The server, the pipeline's settings and the sides of every comparison."""
 
-    def __init__(self, server: RangeServer, work: Path, plan: Plan) -> None:
+    def __init__(self, server: StrictOrigin, work: Path, plan: Plan) -> None:
         self.server = server
         self.work = work
         self.plan = plan
         self.settings = ClipSettings(
             allow_private_networks=True,
-            clip_extra_source_hosts=frozenset({f"127.0.0.1:{server.port}"}),
+            clip_extra_source_hosts=frozenset({server.base_url.removeprefix("http://")}),
             clip_work_dir=work / "clip",
         )
         self.format_ids: dict[Path, str] = {}
 
-    def _measure(self, source: Source, throttled: bool, action: Callable[[], object]) -> Run:
+    def _measure(self, counted: str | None, throttled: bool, action: Callable[[], object]) -> Run:
+        """Run ``action``; bytes are those the origin wrote for ``counted`` (all if None)."""
         self.server.throttle = THROTTLE if throttled else None
         self.server.reset()
         began = time.perf_counter()
         action()
         seconds = time.perf_counter() - began
-        return Run(seconds, self.server.bytes_sent(source.path.name), tuple(self.server.requests))
+        return Run(seconds, self.server.bytes_sent(counted), tuple(self.server.requests))
 
-    def ours(self, source: Source, span: tuple[float, float], throttled: bool = False) -> Run:
+    def ours(
+        self,
+        source: Source,
+        span: tuple[float, float],
+        throttled: bool = False,
+        served: str | None = None,
+    ) -> Run:
+        """Our clip of ``source`` (or of the rendition at ``served``, all its bytes counted);
+        it must hold every frame of the span."""
         spec = build_spec(
-            youtube_url=self.server.url(source.path.name),
+            youtube_url=self.server.url(served or source.path.name),
             start_time=_clock(span[0]),
             end_time=_clock(span[1]),
             name=None,
@@ -358,10 +403,11 @@ class Bench:
         def clip() -> None:
             with tempfile.TemporaryDirectory(dir=self.work) as job:
                 result = asyncio.run(make_clip(spec, Path(job), self.settings, _ignore))
-                if abs(result.clip_duration - spec.duration) > 1 / FPS:
-                    raise RuntimeError(f"clip of {result.clip_duration} s, not {spec.duration}")
+                frames = _frame_count(result.path)
+                if frames != round(spec.duration * FPS):
+                    raise RuntimeError(f"clip of {frames} frames, not {spec.duration * FPS:g}")
 
-        return self._measure(source, throttled, clip)
+        return self._measure(None if served else source.path.name, throttled, clip)
 
     def _ytdlp_args(self, source: Source, out: Path) -> list[str]:
         url = self.server.url(source.path.name)
@@ -398,7 +444,7 @@ class Bench:
                 if process.returncode != 0 or not (Path(job) / "out.mp4").exists():
                     raise RuntimeError(f"yt-dlp failed ({process.returncode}): {stderr!r}")
 
-            run = self._measure(source, throttled, download)
+            run = self._measure(source.path.name, throttled, download)
         return run, finished
 
     def download_and_cut(self, source: Source) -> Run:
@@ -416,13 +462,20 @@ class Bench:
                         f.write(chunk)
                 _cut(local, CLIP, Path(job) / "out.mp4")
 
-        return self._measure(source, False, fetch_then_cut)
+        return self._measure(source.path.name, False, fetch_then_cut)
 
     def local_cut(self, source: Source, span: tuple[float, float]) -> Run:
         with tempfile.TemporaryDirectory(dir=self.work) as job:
             began = time.perf_counter()
             _cut(source.path, span, Path(job) / "out.mp4")
             return Run(time.perf_counter() - began, 0)
+
+
+def _frame_count(path: Path) -> int:
+    """Video packets of a file, as ffmpeg's framecrc lists them."""
+    listing = _run([ffmpeg_exe(), "-v", "error", "-i", str(path), "-map", "0:v:0", "-c", "copy",
+                    "-f", "framecrc", "-"])  # fmt: skip
+    return sum(1 for line in listing.splitlines() if line and not line.startswith("#"))
 
 
 def _ignore(stage: str, progress: float) -> None:
@@ -515,16 +568,19 @@ def _header(plan: Plan, base_seconds: float, short: Source, long: Source) -> lis
         f"{plan.base_seconds} s encode made in {made(base_seconds)}, copied end to end with "
         "the concat demuxer and `-c copy` into: "
         f"{described(short)}; {described(long)}. Cached in `{CACHE}`.",
-        "- Served by `tests.support.rangeserver.RangeServer` on 127.0.0.1; bytes fetched are "
-        "the body bytes the server wrote, including what sits unread in socket buffers "
-        f"when the client stops reading (the server's send buffer is 64 KiB; the client's "
-        f"receive buffer grows up to `tcp_rmem` max = {int(tcp_rmem[2]) // 2**20} MiB). "
-        "Throttled: "
+        "- Served by `tests.support.strictorigin.StrictOrigin` (the standard library's "
+        "`http.server`, which takes a request target literally, with Range added) on "
+        "127.0.0.1; bytes fetched are the body bytes the origin handed to its socket, with "
+        "ordinary socket buffers, including what sits unread in them when a client stops "
+        f"reading (`tcp_rmem` max = {int(tcp_rmem[2]) // 2**20} MiB). Every request of ours "
+        "goes through the egress proxy. Throttled: "
         f"`ThrottlePolicy()`, ranges open-ended or over {_mib(THROTTLE.max_fast_bytes)} "
         f"sent at {THROTTLE.slow_rate // 1024} KiB/s.",
-        "- Ours: `make_clip` called in this process (yt-dlp extraction; one ffmpeg run copies "
-        "the span with bounded range requests; then the smart cut re-encodes only the frames "
-        "before the first and after the last keyframe of the span and copies the rest).",
+        "- Ours: `make_clip` called in this process (a HEAD recognises the direct media link; "
+        "the MP4 index is read with small range requests and only the span's byte ranges are "
+        "fetched; one ffmpeg run copies the span from that local copy; then the smart cut "
+        "re-encodes only the frames before the first and after the last IDR frame and copies "
+        "the rest). Every clip is checked to hold every frame of its span.",
         "- yt-dlp: `" + shlex.join(_display_ytdlp()) + "`; its ffmpeg re-encodes with "
         "x264's default preset (medium).",
         "- Download and cut: httpx GET of the whole file to disk, then `"
@@ -576,9 +632,10 @@ def run(plan: Plan) -> str:
     started = time.perf_counter()
     CACHE.mkdir(parents=True, exist_ok=True)
     base_seconds, short, long = _sources(plan)
+    small, dash, dash_index = _small_source(short.path.parent)
     clip_label = f"{_clock(CLIP[0])}-{_clock(CLIP[1])}"
     with (
-        RangeServer(short.path.parent) as server,
+        StrictOrigin(short.path.parent) as server,
         tempfile.TemporaryDirectory(dir=CACHE, prefix="work-") as work,
     ):
         bench = Bench(server, Path(work), plan)
@@ -589,6 +646,15 @@ def run(plan: Plan) -> str:
                 "download and cut, 10 min": lambda: bench.download_and_cut(short),
                 "ours, 60 min": lambda: bench.ours(long, CLIP),
                 "ours, 60 min, throttled": lambda: bench.ours(long, CLIP, throttled=True),
+            },
+            plan.reps,
+        )
+        small_runs = _interleaved(
+            {
+                "progressive": lambda: bench.ours(small, SMALL_CLIP),
+                "DASH (video-only fMP4 + audio-only m4a, sidx)": lambda: bench.ours(
+                    small, SMALL_CLIP, served=dash
+                ),
             },
             plan.reps,
         )
@@ -718,6 +784,30 @@ def run(plan: Plan) -> str:
     ]
     for name in ("ours, 10 min", "ours, 60 min", "ours, 60 min, throttled"):
         lines += [f"{name}:", "", *_requests_table(runs[name][-1]), ""]
+    small_label = f"{_clock(SMALL_CLIP[0])}-{_clock(SMALL_CLIP[1])}"
+    small_span = small.clip_span_bytes
+    lines += [
+        f"## C. {small_label} of a 3-minute 640x360 source ({_mib(small.size)}, "
+        f"{small.size * 8 / 180 / 1e6:.2f} Mbit/s)",
+        "",
+        f"Source bytes from the keyframe at or before {_clock(SMALL_CLIP[0])} to "
+        f"{_clock(SMALL_CLIP[1])}: {_mib(small_span)}; index: moov {_kib(small.index_bytes)} "
+        f"(progressive), ftyp + moov + sidx of both files {_kib(dash_index)} (DASH).",
+        "",
+    ]
+    rows = []
+    for name, index in (("progressive", small.index_bytes),
+                        ("DASH (video-only fMP4 + audio-only m4a, sidx)", dash_index)):  # fmt: skip
+        got = _fetched(small_runs[name])
+        share_c = small_span + index
+        rows.append([name, _mib(got), _mib(share_c), f"{got / share_c:.2f}",
+                     _verdict(got <= SPAN_GOAL * share_c + SLACK)])  # fmt: skip
+    lines += _table(
+        ["Source", "Bytes from the origin", "Span + index", "Ratio",
+         f"<= {SPAN_GOAL:g}x + 256 KiB"], rows)  # fmt: skip
+    lines += ["", "Requests of the last DASH run:", ""]
+    lines += _requests_table(small_runs["DASH (video-only fMP4 + audio-only m4a, sidx)"][-1])
+    lines += [""]
     lines += ["## Goals", ""]
     lines += _table(
         ["Goal", "Result"],
