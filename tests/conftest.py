@@ -7,6 +7,7 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -31,7 +32,7 @@ class Media:
 
     @property
     def host(self) -> str:
-        return self.server.base_url.removeprefix("http://")
+        return urlsplit(self.server.base_url).netloc
 
     def url(self, relpath: str) -> str:
         return self.server.url(relpath)

@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import ssl
+import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import certifi
 import pytest
 
 from services.clip.pipeline import ClipResult, make_clip
@@ -32,6 +35,7 @@ from tests.support.media import (
     make_hls,
     make_source,
 )
+from tests.support.strictorigin import StrictOrigin
 
 WIDTH, HEIGHT = 160, 90
 SECONDS = 45
@@ -131,10 +135,16 @@ def test_clip_holds_exactly_the_source_frames(
     kind: str, clip: str, media: Media, tmp_path: Path
 ) -> None:
     progressive, relpath = served(kind)
-    start_text, end_text = CLIPS[clip]
-    result = clip_of(media, relpath, start_text, end_text, tmp_path / "work")
-    start, end = result.start, result.end
+    result = clip_of(media, relpath, *CLIPS[clip], tmp_path / "work")
+    # A clip with a keyframe inside is smart-cut; one inside a single GOP has none to copy from.
+    if kind != "open-gop":
+        assert result.cut == ("smart" if clip == "several-gops" else "reencode")
+    assert_same_frames(progressive, result, SOURCES[kind])
 
+
+def assert_same_frames(progressive: Path, result: ClipResult, source: Source) -> None:
+    """The clip holds exactly the source's frames in its range, at their times, in sync."""
+    start, end = result.start, result.end
     expected = [
         (t, f) for t, f in source_frames(progressive) if start - EPSILON <= t < end - EPSILON
     ]
@@ -157,13 +167,46 @@ def test_clip_holds_exactly_the_source_frames(
                 for (want, _), (got, _) in zip(expected, made, strict=True)
             ]
             assert set(shift) == {0.0}, "frames must keep the source's times"
-    # A clip with a keyframe inside is smart-cut; one inside a single GOP has none to copy from.
-    if kind != "open-gop":
-        assert result.cut == ("smart" if clip == "several-gops" else "reencode")
 
-    delay = SOURCES[kind].options.get("audio_delay", 0)
+    delay = source.options.get("audio_delay", 0)
     heard = [t for t in beep_onsets(result.path) if t > 0.02]
     due = [s + delay - first_time for s in range(SECONDS) if start + 0.02 < s + delay < end]
     assert len(heard) == len(due), f"beeps at {heard}, expected at {due}"
     for onset, when in zip(heard, due, strict=True):
-        assert abs(onset - when) < 1 / SOURCES[kind].fps, "audio out of sync with video"
+        assert abs(onset - when) < 1 / source.fps, "audio out of sync with video"
+
+
+@pytest.fixture(scope="module")
+def test_ca(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 and its key, made by openssl."""
+    folder = tmp_path_factory.mktemp("tls")
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+         "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+         "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return cert, key
+
+
+def test_youtube_shape_over_https_is_frame_exact(
+    test_ca: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The DASH rendition (a video-only fMP4 and an audio-only m4a, each with a sidx) over
+    https: yt-dlp, the range fetcher and ffmpeg reach it through the proxy's CONNECT."""
+    cert, key = test_ca
+    # yt-dlp and httpx trust certifi's bundle; this one also holds the test's certificate.
+    bundle = tmp_path / "bundle.pem"
+    bundle.write_text(Path(certifi.where()).read_text() + cert.read_text())
+    monkeypatch.setattr(certifi, "where", lambda: str(bundle))
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(cert, key)
+    progressive, relpath = served("dash")
+    with StrictOrigin(MEDIA_CACHE, tls=tls) as origin:
+        media = Media(server=origin, root=MEDIA_CACHE)
+        result = clip_of(media, relpath, *CLIPS["several-gops"], tmp_path / "work")
+        fetched = {r.path for r in origin.requests}
+    assert {"frames/dash/video.mp4", "frames/dash/audio.m4a"} <= fetched
+    assert result.cut == "smart"
+    assert_same_frames(progressive, result, SOURCES["dash"])

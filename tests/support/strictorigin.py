@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import os
 import socket
+import ssl
 import sys
 import threading
 import time
@@ -179,10 +180,15 @@ class _Handler(SimpleHTTPRequestHandler):
 
 
 class StrictOrigin:
-    """Serve ``root`` on 127.0.0.1 at a free port while used as a context manager."""
+    """Serve ``root`` on 127.0.0.1 at a free port while used as a context manager; over https
+    when given a server-side ``tls`` context."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, tls: ssl.SSLContext | None = None) -> None:
         self._server = _Server(root)
+        self._scheme = "http"
+        if tls is not None:
+            self._server.socket = tls.wrap_socket(self._server.socket, server_side=True)
+            self._scheme = "https"
         self._thread = threading.Thread(
             target=self._server.serve_forever, name="StrictOrigin", daemon=True
         )
@@ -209,7 +215,7 @@ class StrictOrigin:
 
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self._server.server_address[1]}"
+        return f"{self._scheme}://127.0.0.1:{self._server.server_address[1]}"
 
     def url(self, relpath: str) -> str:
         return f"{self.base_url}/{quote(relpath.lstrip('/'))}"
