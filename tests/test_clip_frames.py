@@ -27,6 +27,7 @@ from services.clip.request import build_spec
 from services.clip.settings import ClipSettings
 from tests.conftest import MEDIA_CACHE, Media
 from tests.support.media import (
+    audio_seconds,
     beep_onsets,
     decode_timed_frames,
     frame_number,
@@ -168,6 +169,8 @@ def assert_same_frames(progressive: Path, result: ClipResult, source: Source) ->
             ]
             assert set(shift) == {0.0}, "frames must keep the source's times"
 
+    # The audio covers the clip: from its first frame to its end, give or take an AAC frame.
+    assert audio_seconds(result.path) == pytest.approx(end - first_time, abs=0.05)
     delay = source.options.get("audio_delay", 0)
     heard = [t for t in beep_onsets(result.path) if t > 0.02]
     due = [s + delay - first_time for s in range(SECONDS) if start + 0.02 < s + delay < end]

@@ -435,17 +435,33 @@ def frame_number(rgb: bytes, width: int, height: int) -> int:
     return value
 
 
+def audio_seconds(path: Path | str) -> float:
+    """How long the first audio stream of a file plays, from its decoded samples."""
+    raw = _run_ffmpeg(
+        [
+            "-i",
+            str(path),
+            "-map",
+            "0:a:0",
+            "-ac",
+            "1",
+            "-ar",
+            f"{AUDIO_RATE}",
+            "-f",
+            "s16le",
+            "pipe:",
+        ]
+    )
+    return len(raw) / 2 / AUDIO_RATE
+
+
 def beep_onsets(path: Path | str) -> list[float]:
     """Start times in seconds of the beeps in the first audio stream of a file or URL.
 
     Times are relative to the start of the decoded audio (edit lists applied). A clip
     that starts inside a beep reports an onset at 0.
     """
-    raw = _run_ffmpeg(
-        ["-i", str(path), "-map", "0:a:0", "-ac", "1", "-ar", f"{AUDIO_RATE}",
-         "-f", "s16le", "pipe:"]
-    )  # fmt: skip
-    samples = np.frombuffer(raw, dtype="<i2").astype(np.int32)
+    samples = np.frombuffer(_decoded_audio(path), dtype="<i2").astype(np.int32)
     loud = np.flatnonzero(np.abs(samples) > _ONSET_THRESHOLD)
     if loud.size == 0:
         return []
