@@ -435,24 +435,17 @@ def frame_number(rgb: bytes, width: int, height: int) -> int:
     return value
 
 
+def _decoded_audio(path: Path | str) -> bytes:
+    """The first audio stream of a file decoded to mono 16-bit samples at ``AUDIO_RATE``."""
+    return _run_ffmpeg(
+        ["-i", str(path), "-map", "0:a:0", "-ac", "1", "-ar", f"{AUDIO_RATE}",
+         "-f", "s16le", "pipe:"]
+    )  # fmt: skip
+
+
 def audio_seconds(path: Path | str) -> float:
     """How long the first audio stream of a file plays, from its decoded samples."""
-    raw = _run_ffmpeg(
-        [
-            "-i",
-            str(path),
-            "-map",
-            "0:a:0",
-            "-ac",
-            "1",
-            "-ar",
-            f"{AUDIO_RATE}",
-            "-f",
-            "s16le",
-            "pipe:",
-        ]
-    )
-    return len(raw) / 2 / AUDIO_RATE
+    return len(_decoded_audio(path)) / 2 / AUDIO_RATE
 
 
 def beep_onsets(path: Path | str) -> list[float]:
