@@ -22,6 +22,7 @@ from pydantic_settings import BaseSettings
 
 from services.clip.app import create_app as create_clip_app
 from services.clip.distributed import run_worker
+from services.clip.fetch.gate import SourceGate
 from services.clip.jobs import ClipFacts, job_directory, new_job_id, run_job
 from services.clip.request import ClipSpec, build_spec
 from services.clip.settings import ClipSettings
@@ -314,12 +315,15 @@ class ProgressBar:
 
 
 async def make_clip(
-    spec: ClipSpec, settings: ClipSettings, report: Callable[[str, float], None]
+    spec: ClipSpec,
+    settings: ClipSettings,
+    report: Callable[[str, float], None],
+    gate: SourceGate | None = None,
 ) -> tuple[ClipFacts, bytes]:
     """The service's job, run here: in its own directory, removed however the job ends."""
     with job_directory(settings.clip_work_dir, new_job_id()) as workdir:
         try:
-            return await run_job(spec, workdir, settings, report, OuroHeaders())
+            return await run_job(spec, workdir, settings, report, OuroHeaders(), gate)
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
 
