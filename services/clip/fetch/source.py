@@ -247,7 +247,9 @@ def extract(source: SourceUrl, options: dict[str, Any]) -> VideoInfo:
         raise classify(exc, recorder.warnings) from exc
     if not isinstance(info, dict) or info.get("_type") == "playlist":
         raise UnsupportedSource("The URL is a playlist or page, not one video.")
-    formats = tuple(_format(f) for f in info.get("formats") or () if f.get("url"))
+    # A page that names one media URL gives it as the video itself, as yt-dlp then reads it.
+    raw = info.get("formats") or ([info] if info.get("url") else [])
+    formats = tuple(_format(f) for f in raw if f.get("url"))
     return VideoInfo(
         title=str(info.get("title") or source.video_id or "clip"),
         duration=float(info["duration"]) if info.get("duration") else None,
