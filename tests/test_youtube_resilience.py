@@ -141,7 +141,7 @@ def test_the_cool_down_is_shared_through_redis(origin: SignedOrigin, tmp_path: P
     async def both(url: str) -> list[str]:
         from redis.asyncio import Redis
 
-        codes = []
+        codes: list[str] = []
         redis = Redis.from_url(url)
         try:
             for _ in range(2):
@@ -160,7 +160,8 @@ def test_the_cool_down_is_shared_through_redis(origin: SignedOrigin, tmp_path: P
     with redis_server(tmp_path / "redis") as redis:
         first, second = asyncio.run(both(redis.url))
     assert first.startswith("rate_limited")
-    assert second.startswith("rate_limited") and "Retry-After: 30" in second
+    assert second.startswith("rate_limited")
+    assert "Retry-After: 30" in second
     assert origin.page_visits() == 1
 
 
@@ -186,7 +187,11 @@ def test_formats_are_fetched_once_available(media: Media, tmp_path: Path) -> Non
 
         await gate.cache.get(url, facts)
         started = time.monotonic()
-        await make_clip(spec, tmp_path, settings, lambda s, p: stages.append((s, time.monotonic())), gate)
+
+        def report(stage: str, share: float) -> None:
+            stages.append((stage, time.monotonic()))
+
+        await make_clip(spec, tmp_path, settings, report, gate)
         return time.monotonic() - started
 
     assert asyncio.run(clip()) >= 0.9

@@ -73,7 +73,7 @@ def test_js_runtime_setting_is_what_yt_dlp_runs(setting: str, runtime: str, path
 )  # fmt: skip
 def test_settings_yt_dlp_would_not_understand_are_refused_at_start(field: str, value: str) -> None:
     with pytest.raises(pydantic.ValidationError, match=field):
-        ClipSettings(**{field: value})
+        ClipSettings.model_validate({field: value})
 
 
 @pytest.mark.parametrize(
@@ -82,6 +82,6 @@ def test_settings_yt_dlp_would_not_understand_are_refused_at_start(field: str, v
      ("clip_canary_interval_seconds", 0.001, 0)],
 )  # fmt: skip
 def test_limits_at_and_past_their_bounds(field: str, at_limit: float, past_it: float) -> None:
-    assert getattr(ClipSettings(**{field: at_limit}), field) == at_limit
+    assert getattr(ClipSettings.model_validate({field: at_limit}), field) == at_limit
     with pytest.raises(pydantic.ValidationError):
-        ClipSettings(**{field: past_it})
+        ClipSettings.model_validate({field: past_it})
