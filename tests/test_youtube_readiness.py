@@ -13,6 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import redis as redis_client
 
 from services import cli
 from services.clip import toolchain
@@ -162,7 +163,12 @@ def test_api_is_ready_while_a_live_worker_passes(redis: RedisServer, tmp_path: P
                 redis, queue, tmp_path, "broken", HERMES_YTDLP_JS_RUNTIME="deno:/nowhere"
             )
             workers.append(broken)
-            time.sleep(3)
+            records = redis_client.Redis.from_url(redis.url)
+            deadline = time.monotonic() + 20
+            while not records.keys(f"{queue}:worker:*"):
+                assert time.monotonic() < deadline, "the worker wrote no record"
+                time.sleep(0.1)
+            records.close()
             assert wait_for(api, 503)["worker_youtube_toolchain"] is False
             good = start_worker(redis, queue, tmp_path, "good")
             workers.append(good)
