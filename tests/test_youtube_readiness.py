@@ -3,6 +3,7 @@ worker's record in Redis (distributed jobs), and from ``hermes-media doctor``.""
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import subprocess
 import sys
@@ -85,6 +86,17 @@ def test_not_ready_without_yt_dlp_ejs(monkeypatch: pytest.MonkeyPatch) -> None:
     check = toolchain.challenge_solver()
     assert not check.ok
     assert "not installed" in check.detail
+
+
+def test_po_token_plugin_is_checked_when_a_provider_is_set(tmp_path: Path) -> None:
+    settings = ClipSettings(clip_work_dir=tmp_path, ytdlp_pot_provider_url="http://p:4416")
+    [check] = [c for c in toolchain.youtube_toolchain(settings) if c.name == "pot_plugin"]
+    try:
+        installed = importlib.metadata.version(toolchain.POT_PLUGIN)
+    except importlib.metadata.PackageNotFoundError:
+        assert (check.ok, check.detail) == (False, "not installed: pip install 'hermes-media[pot]'")
+    else:
+        assert (check.ok, check.detail) == (True, f"{toolchain.POT_PLUGIN} {installed}")
 
 
 def test_doctor_prints_each_check_with_versions(

@@ -94,9 +94,15 @@ def cookies(path: str) -> Check:
 
 
 def pot_plugin() -> Check:
-    if importlib.util.find_spec(POT_PLUGIN_MODULE) is None:
+    """The plugin is installed where yt-dlp loads plugins from."""
+    try:
+        version = importlib.metadata.version(POT_PLUGIN)
+        found = importlib.util.find_spec(POT_PLUGIN_MODULE) is not None
+    except (importlib.metadata.PackageNotFoundError, ModuleNotFoundError):
+        found = False
+    if not found:
         return Check("pot_plugin", False, "not installed: pip install 'hermes-media[pot]'")
-    return Check("pot_plugin", True, f"{POT_PLUGIN} {importlib.metadata.version(POT_PLUGIN)}")
+    return Check("pot_plugin", True, f"{POT_PLUGIN} {version}")
 
 
 @dataclass
