@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.metadata
 import json
 import os
 import shutil
@@ -16,15 +17,20 @@ from pathlib import Path
 from typing import TextIO, TypeAlias
 from urllib.parse import urlsplit
 
+import httpx
 import uvicorn
 from fastapi import FastAPI
 from pydantic_settings import BaseSettings
 
 from services.clip.app import create_app as create_clip_app
+from services.clip.canary import CANARY_SECONDS, CANARY_START, CanaryResult, run_canary
 from services.clip.distributed import run_worker
+from services.clip.fetch.gate import SourceGate
+from services.clip.fetch.source import extractor_args
 from services.clip.jobs import ClipFacts, job_directory, new_job_id, run_job
 from services.clip.request import ClipSpec, build_spec
 from services.clip.settings import ClipSettings
+from services.clip.toolchain import POT_PLUGIN, YT_DLP_VERSION, Check, youtube_toolchain
 from services.common.errors import HermesError, PayloadTooLarge
 from services.common.observability import configure_logging
 from services.common.ouro import OuroHeaders
@@ -314,12 +320,15 @@ class ProgressBar:
 
 
 async def make_clip(
-    spec: ClipSpec, settings: ClipSettings, report: Callable[[str, float], None]
+    spec: ClipSpec,
+    settings: ClipSettings,
+    report: Callable[[str, float], None],
+    gate: SourceGate | None = None,
 ) -> tuple[ClipFacts, bytes]:
     """The service's job, run here: in its own directory, removed however the job ends."""
     with job_directory(settings.clip_work_dir, new_job_id()) as workdir:
         try:
-            return await run_job(spec, workdir, settings, report, OuroHeaders())
+            return await run_job(spec, workdir, settings, report, OuroHeaders(), gate)
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
 
@@ -369,6 +378,57 @@ def _clip(args: argparse.Namespace) -> int:
         f"{facts.width}x{facts.height}, {facts.cut} cut"
     )
     return 0
+
+
+# doctor
+
+
+def doctor_lines(settings: ClipSettings) -> tuple[list[str], bool]:
+    """What the YouTube toolchain is, check by check, and whether every check passes."""
+    checks = youtube_toolchain(settings)
+    if settings.ytdlp_pot_provider_url:
+        checks.append(pot_server(settings.ytdlp_pot_provider_url))
+    lines = [f"{'yt_dlp':<12} ok    {YT_DLP_VERSION}"]
+    lines += [f"{c.name:<12} {'ok' if c.ok else 'FAIL':<5} {c.detail}" for c in checks]
+    for key, values in extractor_args(settings).items():
+        shown = ";".join(f"{k}={','.join(v)}" for k, v in values.items())
+        lines.append(f"{'extractor':<12} {'':<5} {key}:{shown}")
+    return lines, all(c.ok for c in checks)
+
+
+def pot_server(base_url: str) -> Check:
+    """The PO-token provider answers, at the plugin's version (the two must match)."""
+    try:
+        answer = httpx.get(f"{base_url.rstrip('/')}/ping", timeout=5)
+        answer.raise_for_status()
+        version = str(answer.json().get("version", ""))
+    except (httpx.HTTPError, ValueError, AttributeError) as exc:
+        return Check("pot_server", False, f"{base_url}/ping: {type(exc).__name__}: {exc}")
+    try:
+        plugin = importlib.metadata.version(POT_PLUGIN)
+    except importlib.metadata.PackageNotFoundError:
+        plugin = "not installed"
+    if version != plugin:
+        return Check("pot_server", False, f"{base_url}: server {version}, plugin {plugin}")
+    return Check("pot_server", True, f"{base_url}: server {version}, same as the plugin")
+
+
+def canary_line(url: str, result: CanaryResult) -> str:
+    steps = ", ".join(f"{stage} {seconds:.2f} s" for stage, seconds in result.steps.items())
+    if result.ok:
+        return f"canary {url}: ok in {result.seconds:.2f} s ({steps}), {result.clip_bytes} bytes"
+    return f"canary {url}: {result.error} after {result.seconds:.2f} s ({steps}): {result.message}"
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    settings = ClipSettings()
+    lines, ok = doctor_lines(settings)
+    print("\n".join(lines), flush=True)
+    if args.canary:
+        result = asyncio.run(run_canary(args.canary, settings))
+        print(canary_line(args.canary, result))
+        ok = ok and result.ok
+    return 0 if ok else 1
 
 
 # register
@@ -470,6 +530,27 @@ def _add_clip(commands: Subcommands) -> None:
     clip.add_argument("--name", help="The clip's name (default: the video's title).")
 
 
+def _add_doctor(commands: Subcommands) -> None:
+    doctor = commands.add_parser(
+        "doctor",
+        help="Check this machine's YouTube toolchain; with --canary, clip a real video.",
+        description=(
+            "Print the YouTube toolchain yt-dlp uses here (JavaScript runtime, yt-dlp-ejs, "
+            "cookies, PO-token provider, extractor arguments) with the versions found, as the "
+            "service's readiness checks them. Exit status 1 when a check fails."
+        ),
+    )
+    doctor.add_argument(
+        "--canary",
+        metavar="URL",
+        help=(
+            f"Also clip {CANARY_SECONDS:g} s of this video from {CANARY_START:g} s in (past "
+            "the first minute, where YouTube refuses clients without a PO token) and print "
+            "what each step took."
+        ),
+    )
+
+
 def _add_register(commands: Subcommands) -> argparse.ArgumentParser:
     register = commands.add_parser(
         "register",
@@ -520,12 +601,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     commands.add_parser("worker", help="Run an arq worker for clip jobs (needs HERMES_REDIS_URL).")
     _add_compress(commands)
     _add_clip(commands)
+    _add_doctor(commands)
     register = _add_register(commands)
     args = parser.parse_args(argv)
 
     if args.command == "register" and not (args.base_url or (args.clip_url and args.compress_url)):
         register.error("give --base-url, or both --clip-url and --compress-url")
-    command = {"compress": _compress, "clip": _clip, "register": _register}.get(args.command)
+    command = {
+        "compress": _compress,
+        "clip": _clip,
+        "doctor": _doctor,
+        "register": _register,
+    }.get(args.command)
     if command is not None:
         code = command(args)
         if code:

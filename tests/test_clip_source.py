@@ -10,6 +10,7 @@ from yt_dlp.utils import DownloadError, ExtractorError, GeoRestrictedError
 
 from services.clip.fetch.source import Format, classify, extract, select, ydl_options
 from services.clip.request import parse_source
+from services.clip.settings import ClipSettings
 
 PREFIX = "ERROR: [youtube] dQw4w9WgXcQ: "
 HINT = (
@@ -75,7 +76,48 @@ MESSAGES = [
         "Requested format is not available. Use --list-formats for a list of available formats",
         "unsupported_source",
     ),
+    (
+        "Unable to download API page: HTTP Error 429: Too Many Requests (caused by "
+        "<HTTPError 429: Too Many Requests>)",
+        "rate_limited",
+    ),
+    (
+        "Video unavailable. This video contains content from SME, who has blocked it in your "
+        "country on copyright grounds.",
+        "geo_blocked",
+    ),
+    # yt-dlp's own warning, capitalize()d, when YouTube hides every format from a suspected bot.
+    ("Only images are available for download. use --list-formats to see them", "sign_in_required"),
 ]
+
+FORMAT_MISSING = (
+    "Requested format is not available. Use --list-formats for a list of available formats"
+)
+BOT_CHECK_WARNINGS = [
+    "[youtube] dQw4w9WgXcQ: Sign in to confirm you\u2019re not a bot." + HINT,
+    "Only images are available for download. use --list-formats to see them",
+]
+
+
+@pytest.mark.parametrize("warning", BOT_CHECK_WARNINGS)
+def test_missing_formats_after_a_bot_check_mean_sign_in(warning: str) -> None:
+    error = DownloadError(PREFIX + FORMAT_MISSING, (ExtractorError, ExtractorError("x"), None))
+    assert classify(error, [warning]).code == "sign_in_required"
+    assert "cookies" in classify(error, [warning]).message
+    assert classify(error, ["Falling back to generic n function search"]).code == (
+        "unsupported_source"
+    )
+
+
+def test_messages_say_what_to_do() -> None:
+    """Codes an operator can fix name the setting that fixes it."""
+    for message, setting in [
+        ("Sign in to confirm your age.", "HERMES_YTDLP_COOKIE_FILE"),
+        ("The current session has been rate-limited by YouTube", "HERMES_YTDLP_PROXY"),
+        ("The uploader has not made this video available in your country", "HERMES_YTDLP_PROXY"),
+    ]:
+        error = DownloadError(PREFIX + message, (ExtractorError, ExtractorError(message), None))
+        assert setting in classify(error).message
 
 
 @pytest.mark.parametrize(("message", "code"), MESSAGES)
@@ -111,8 +153,7 @@ def test_http_429_is_rate_limited() -> None:
 
 def test_options_allow_only_the_youtube_extractor_and_nothing_from_the_caller() -> None:
     source = parse_source("https://youtu.be/dQw4w9WgXcQ?si=$(touch /tmp/x)", frozenset())
-    options = ydl_options(source, cookie_file=None, proxy=None)
-    options.pop("logger")
+    options = ydl_options(source, ClipSettings(), proxy=None)
     assert options == {
         "quiet": True,
         "no_warnings": True,
@@ -123,20 +164,20 @@ def test_options_allow_only_the_youtube_extractor_and_nothing_from_the_caller() 
         "extractor_retries": 1,
         "socket_timeout": 20,
         "allowed_extractors": ["youtube"],
+        "js_runtimes": {"deno": {"path": None}},
     }
     assert source.url == "https://www.youtube.com/watch?v=dQw4w9WgXcQ"
 
 
 def test_extra_hosts_use_only_the_generic_extractor() -> None:
     source = parse_source("http://127.0.0.1:1/v.mp4", frozenset({"127.0.0.1:1"}))
-    assert ydl_options(source, cookie_file="c.txt", proxy="http://p:1")["allowed_extractors"] == [
-        "generic"
-    ]
+    settings = ClipSettings(ytdlp_cookie_file="c.txt")
+    assert ydl_options(source, settings, "http://p:1")["allowed_extractors"] == ["generic"]
 
 
 def test_youtube_unreachable_fails_fast_with_a_code() -> None:
     source = parse_source("https://www.youtube.com/watch?v=dQw4w9WgXcQ", frozenset())
-    options = ydl_options(source, cookie_file=None, proxy=None)
+    options = ydl_options(source, ClipSettings(), proxy=None)
     options["socket_timeout"] = 5
     started = time.monotonic()
     with pytest.raises(Exception) as caught:  # noqa: PT011

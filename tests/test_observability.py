@@ -56,14 +56,21 @@ def test_readiness(tmp_path: Path) -> None:
     assert ready.status_code == 200
     assert ready.json() == {"status": "ready", "checks": {"codec_pool": True}}
     with client(create_clip_app(ClipSettings(clip_work_dir=tmp_path))) as api:
-        assert api.get("/readyz").json()["checks"] == {"ffmpeg": True}
+        assert api.get("/readyz").json()["checks"] == {
+            "ffmpeg": True,
+            "youtube_js_runtime": True,
+            "youtube_yt_dlp_ejs": True,
+        }
     unreachable = f"redis://127.0.0.1:{free_port()}/0"
     with client(
         create_clip_app(ClipSettings(redis_url=unreachable, clip_work_dir=tmp_path))
     ) as api:
         down = api.get("/readyz")
     assert down.status_code == 503
-    assert down.json() == {"status": "not_ready", "checks": {"ffmpeg": True, "redis": False}}
+    assert down.json() == {
+        "status": "not_ready",
+        "checks": {"ffmpeg": True, "redis": False, "worker_youtube_toolchain": False},
+    }
 
 
 def test_logs_are_json_lines_with_the_action_and_job_ids(

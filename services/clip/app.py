@@ -6,6 +6,7 @@ read at ``/jobs/{job_id}``, for direct callers who have no webhook.
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -16,6 +17,8 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import Gauge
 from pydantic import BaseModel, Field
 
+from services.clip import canary
+from services.clip.canary import CanaryResult
 from services.clip.delivery import WebhookSender, webhook_client, webhook_sender
 from services.clip.distributed import ArqQueue
 from services.clip.ffmpeg import ffmpeg_exe
@@ -28,11 +31,13 @@ from services.clip.jobs import (
 )
 from services.clip.request import build_spec
 from services.clip.settings import ClipSettings
+from services.clip.toolchain import ToolchainStatus
 from services.common.asgi import create_base_app
 from services.common.errors import ErrorDetail, NotFound, error_responses
 from services.common.ouro import OuroHeaders, OutputFile
 
 ROUTE = "/download-a-clip-from-youtube"
+LOCAL = "local"
 JobId = Annotated[str, Path(pattern=r"^[0-9a-f]{32}$", description="The job id from the 202.")]
 
 
@@ -92,18 +97,34 @@ def job_result(body: ClipWebhook) -> None:
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: ClipSettings = app.state.settings
     queue: ClipQueue
+    canary_task = None
     if settings.redis_url:
+        # The API runs no yt-dlp: the workers check their own toolchains and run the canary.
         queue = await ArqQueue.connect(settings)
         client = None
     else:
         remove_stale_directories(settings.clip_work_dir)
         client = webhook_client(settings)
         app.state.sender = webhook_sender(settings, client)
-        queue = EmbeddedQueue(settings, app.state.sender)
+        embedded = EmbeddedQueue(settings, app.state.sender)
+        queue = embedded
+        app.state.toolchain = ToolchainStatus(settings)
+        await app.state.toolchain.current()
+        if settings.clip_canary_url:
+
+            def keep(result: CanaryResult) -> None:
+                app.state.canaries = {LOCAL: result}
+
+            canary_task = asyncio.create_task(
+                canary.run_periodically(settings, embedded.gate, keep)
+            )
     app.state.queue = queue
     try:
         yield
     finally:
+        if canary_task is not None:
+            canary_task.cancel()
+            await asyncio.gather(canary_task, return_exceptions=True)
         await queue.close()
         if client is not None:
             await client.aclose()
@@ -114,6 +135,11 @@ async def _readiness(app: FastAPI) -> dict[str, bool]:
     queue = getattr(app.state, "queue", None)
     if isinstance(queue, ArqQueue):
         checks["redis"] = await queue.ping()
+        # Ready while at least one live worker can clip YouTube.
+        checks["worker_youtube_toolchain"] = any(w.ready for w in await queue.workers())
+    toolchain: ToolchainStatus | None = getattr(app.state, "toolchain", None)
+    if toolchain is not None:
+        checks.update({f"youtube_{c.name}": c.ok for c in await toolchain.current()})
     return checks
 
 
@@ -122,6 +148,14 @@ async def _refresh_metrics(app: FastAPI) -> None:
     if queue is not None:
         for status, count in (await queue.stats()).items():
             app.state.jobs_gauge.labels(status).set(count)
+    canaries: dict[str, CanaryResult] = getattr(app.state, "canaries", {})
+    if isinstance(queue, ArqQueue):
+        canaries = {w.worker: w.canary for w in await queue.workers() if w.canary is not None}
+    for worker, result in canaries.items():
+        app.state.canary_ok_gauge.labels(worker).set(1 if result.ok else 0)
+        app.state.canary_time_gauge.labels(worker).set(result.finished_at)
+        for step, seconds in result.steps.items():
+            app.state.canary_step_gauge.labels(worker, step).set(seconds)
     sender: WebhookSender | None = getattr(app.state, "sender", None)
     if sender is not None:
         for outcome, count in sender.outcomes.items():
@@ -143,6 +177,20 @@ def create_app(settings: ClipSettings | None = None) -> FastAPI:
     app.state.jobs_gauge = Gauge(
         "hermes_clip_jobs", "Clip jobs by status (distributed: queued only).", ["status"],
         registry=registry,
+    )  # fmt: skip
+    app.state.canary_ok_gauge = Gauge(
+        "hermes_clip_canary_ok",
+        "1 when the last canary clip succeeded, 0 when it failed; by worker (local: the API).",
+        ["worker"],
+        registry=registry,
+    )
+    app.state.canary_time_gauge = Gauge(
+        "hermes_clip_canary_last_run_timestamp_seconds", "When the last canary run ended.",
+        ["worker"], registry=registry,
+    )  # fmt: skip
+    app.state.canary_step_gauge = Gauge(
+        "hermes_clip_canary_step_seconds", "Seconds the last canary run spent in each step.",
+        ["worker", "step"], registry=registry,
     )  # fmt: skip
     app.state.webhooks_gauge = Gauge(
         "hermes_webhook_attempts",

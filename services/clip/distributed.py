@@ -18,8 +18,10 @@ import contextlib
 import json
 import logging
 import shutil
+import socket
 import time
-from dataclasses import asdict, dataclass
+import uuid
+from dataclasses import asdict, dataclass, field
 from typing import Any, cast
 
 from arq.connections import ArqRedis, RedisSettings
@@ -29,8 +31,11 @@ from pydantic import BaseModel
 from redis.asyncio import ConnectionPool
 from redis.exceptions import RedisError
 
+from services.clip import canary
+from services.clip.canary import CanaryResult
 from services.clip.delivery import Outcome, WebhookSender, webhook_client, webhook_sender
 from services.clip.errors import ClipFailed
+from services.clip.fetch.gate import ExtractionCache, RedisCooldown, SourceGate
 from services.clip.jobs import (
     Cancelled,
     JobFile,
@@ -49,6 +54,7 @@ from services.clip.jobs import (
 )
 from services.clip.request import ClipSpec, SourceUrl
 from services.clip.settings import ClipSettings
+from services.clip.toolchain import YT_DLP_VERSION, Check, ToolchainStatus
 from services.common import observability
 from services.common.errors import ErrorDetail, HermesError, Unavailable
 from services.common.http import GuardedClient
@@ -63,6 +69,9 @@ POLL_SECONDS = 0.1
 ARQ_TIMEOUT_MARGIN = 5.0
 # Runs of a job that are not failures of its own (a worker died or was stopped under it).
 ARQ_MAX_TRIES = 20
+# A worker renews its record every HEARTBEAT_SECONDS; one not renewed for the TTL is dead.
+HEARTBEAT_SECONDS = 10.0
+WORKER_TTL_SECONDS = 30
 REDIS_DOWN = "The job queue is unreachable; try again shortly."
 
 
@@ -81,6 +90,18 @@ class StoredJob(BaseModel):
     def clip_spec(self) -> ClipSpec:
         spec = dict(self.spec)
         return ClipSpec(source=SourceUrl(**spec.pop("source")), **spec)
+
+
+class WorkerRecord(BaseModel):
+    """What a worker tells the API about itself: its YouTube toolchain and its last canary."""
+
+    worker: str
+    host: str
+    yt_dlp: str
+    ready: bool
+    checks: list[Check]
+    at: float
+    canary: CanaryResult | None = None
 
 
 def _dumps(value: Any) -> bytes:
@@ -145,6 +166,20 @@ class Store:
 
     async def cancel_requested(self, job_id: str) -> bool:
         return bool(await self.redis.exists(self._key("cancel", job_id)))
+
+    async def save_worker(self, record: WorkerRecord) -> None:
+        await self.redis.set(
+            self._key("worker", record.worker), record.model_dump_json(), ex=WORKER_TTL_SECONDS
+        )
+
+    async def drop_worker(self, worker_id: str) -> None:
+        await self.redis.delete(self._key("worker", worker_id))
+
+    async def workers(self) -> list[WorkerRecord]:
+        """The records of the workers alive now (each expires unless its worker renews it)."""
+        keys = [key async for key in self.redis.scan_iter(match=self._key("worker", "*"))]
+        found = await self.redis.mget(keys) if keys else []
+        return [WorkerRecord.model_validate_json(raw) for raw in found if raw]
 
     async def queued(self) -> int:
         return int(await self.redis.zcard(self.settings.clip_queue_name))
@@ -251,6 +286,12 @@ class ArqQueue:
         except (RedisError, OSError):
             return {}
 
+    async def workers(self) -> list[WorkerRecord]:
+        try:
+            return await self.store.workers()
+        except (RedisError, OSError):
+            return []
+
     async def ping(self) -> bool:
         try:
             return bool(await self.store.redis.ping())
@@ -291,6 +332,22 @@ class WorkerState:
     store: Store
     client: GuardedClient
     sender: WebhookSender
+    gate: SourceGate
+    toolchain: ToolchainStatus
+    worker_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    canary: CanaryResult | None = None
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    def record(self) -> WorkerRecord:
+        return WorkerRecord(
+            worker=self.worker_id,
+            host=socket.gethostname(),
+            yt_dlp=YT_DLP_VERSION,
+            ready=self.toolchain.ok,
+            checks=self.toolchain.checks,
+            at=time.time(),
+            canary=self.canary,
+        )
 
 
 def _state(ctx: dict[str, Any]) -> WorkerState:
@@ -318,7 +375,9 @@ async def clip_job(ctx: dict[str, Any], job_id: str) -> None:
     try:
         with job_directory(settings.clip_work_dir, job_id) as workdir:
             try:
-                facts, data = await run_job(job.clip_spec(), workdir, settings, report, job.ouro)
+                facts, data = await run_job(
+                    job.clip_spec(), workdir, settings, report, job.ouro, state.gate
+                )
             finally:
                 shutil.rmtree(workdir, ignore_errors=True)
     except ClipFailed as exc:
@@ -327,7 +386,11 @@ async def clip_job(ctx: dict[str, Any], job_id: str) -> None:
             view.status, view.stage, view.progress = JobStatus.queued, "retrying", 0.0
             view.error = ErrorDetail(code=exc.code, message=exc.message)
             await store.save(job)
-            delay = settings.clip_retry_backoff_seconds * 2.0 ** (view.tries - 1)
+            # A rate-limited source is not asked again before its cool-down ends.
+            delay = max(
+                settings.clip_retry_backoff_seconds * 2.0 ** (view.tries - 1),
+                await state.gate.retry_after(settings, job.clip_spec().source),
+            )
             logger.info("job %s: %s, run %d again in %.1f s", job_id, exc.code, view.tries, delay)
             raise Retry(defer=delay) from exc
         await _finish_failed(store, job, exc)
@@ -398,17 +461,45 @@ async def _startup(ctx: dict[str, Any]) -> None:
     if removed:
         logger.info("removed %d directories of dead jobs", len(removed))
     client = webhook_client(settings)
-    ctx["state"] = WorkerState(
+    cooldown = RedisCooldown(ctx["redis"], f"{settings.clip_queue_name}:cooldown")
+    state = WorkerState(
         settings=settings,
         store=Store(ctx["redis"], settings),
         client=client,
         sender=webhook_sender(settings, client),
+        gate=SourceGate(cooldown, ExtractionCache(settings.ytdlp_extraction_cache_seconds)),
+        toolchain=ToolchainStatus(settings),
     )
+    ctx["state"] = state
+    await state.toolchain.current()
+    state.tasks.append(asyncio.create_task(_heartbeat(state)))
+    if settings.clip_canary_url:
+
+        def keep(result: CanaryResult) -> None:
+            state.canary = result
+
+        state.tasks.append(asyncio.create_task(canary.run_periodically(settings, state.gate, keep)))
+
+
+async def _heartbeat(state: WorkerState) -> None:
+    """Keep this worker's record in Redis while it lives; the API's readiness reads them."""
+    while True:
+        await state.toolchain.current()
+        try:
+            await state.store.save_worker(state.record())
+        except (RedisError, OSError) as exc:
+            logger.warning("worker record not saved (%s)", type(exc).__name__)
+        await asyncio.sleep(HEARTBEAT_SECONDS)
 
 
 async def _shutdown(ctx: dict[str, Any]) -> None:
     state = ctx.get("state")
     if isinstance(state, WorkerState):
+        for task in state.tasks:
+            task.cancel()
+        await asyncio.gather(*state.tasks, return_exceptions=True)
+        with contextlib.suppress(RedisError, OSError):
+            await state.store.drop_worker(state.worker_id)
         await state.client.aclose()
 
 

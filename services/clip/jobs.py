@@ -24,6 +24,7 @@ from pydantic import BaseModel, Field
 
 from services.clip.delivery import WebhookSender
 from services.clip.errors import ClipFailed
+from services.clip.fetch.gate import SourceGate
 from services.clip.ouro_log import RunLog
 from services.clip.pipeline import ClipResult, make_clip
 from services.clip.request import ClipSpec, safe_filename
@@ -218,10 +219,12 @@ async def run_job(
     settings: ClipSettings,
     report: Callable[[str, float], None],
     ouro: OuroHeaders,
+    gate: SourceGate | None = None,
 ) -> tuple[ClipFacts, bytes]:
     """One run of a clip job, within the job time limit; the MP4's bytes and its facts.
 
-    Its steps also go to the run's log on Ouro when an API key is configured.
+    Its steps also go to the run's log on Ouro when an API key is configured. ``gate`` is what
+    the process's jobs share when asking the source (cool-down, extraction cache).
     """
     run_log = RunLog(settings, ouro)
 
@@ -231,7 +234,7 @@ async def run_job(
 
     try:
         async with asyncio.timeout(settings.clip_job_timeout_seconds):
-            result = await make_clip(spec, workdir, settings, step)
+            result = await make_clip(spec, workdir, settings, step, gate)
         data = await asyncio.to_thread(result.path.read_bytes)
         facts = facts_of(spec, result)
         run_log.note(f"Clip ready: {facts.clip_duration:.2f} s, {facts.bytes} bytes.")
@@ -266,9 +269,11 @@ class EmbeddedQueue:
     _jobs: dict[str, _Job] = field(default_factory=dict)
     _keys: dict[str, str] = field(default_factory=dict)
     _slots: asyncio.Semaphore = field(init=False)
+    gate: SourceGate = field(init=False)
 
     def __post_init__(self) -> None:
         self._slots = asyncio.Semaphore(self.settings.clip_concurrency)
+        self.gate = SourceGate.local(self.settings)
 
     async def submit(self, spec: ClipSpec, ouro: OuroHeaders, key: str | None) -> JobView:
         self._expire()
@@ -367,7 +372,9 @@ class EmbeddedQueue:
             view.stage, view.progress = stage, max(view.progress, round(progress, 4))
 
         with job_directory(self.settings.clip_work_dir, view.job_id) as workdir:
-            facts, data = await run_job(job.spec, workdir, self.settings, report, job.ouro)
+            facts, data = await run_job(
+                job.spec, workdir, self.settings, report, job.ouro, self.gate
+            )
             for leftover in workdir.iterdir():
                 if leftover.name not in (LOCK_FILE, "clip.mp4"):
                     leftover.unlink()

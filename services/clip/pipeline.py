@@ -1,15 +1,18 @@
 """Making one clip, as the steps it is: read the video's facts, fetch only its span, cut it.
 
-1. yt-dlp reads the facts and formats (``fetch.source``); H.264 and AAC no taller than the
-   limit are picked.
+1. yt-dlp reads the facts and formats (``fetch.source``, through ``fetch.gate``'s cool-down
+   and cache); H.264 and AAC no taller than the limit are picked, once they are available.
 2. One ffmpeg copies the span from the keyframe before ``start`` to ``end`` into a local file
-   (``fetch.span``), through the egress proxy (``fetch.egress``).
+   (``fetch.span``), through the egress proxy (``fetch.egress``). When the source stops
+   serving the media URLs (expired, 403), they are extracted again once and the fetch rerun.
 3. The span is cut to exactly the source's frames in ``[start, end)`` (``cut.smart``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,13 +25,15 @@ from services.clip.errors import (
     SourceUnreachable,
 )
 from services.clip.fetch.egress import egress_url
-from services.clip.fetch.source import extract, select, ydl_options
-from services.clip.fetch.span import fetch_span
+from services.clip.fetch.gate import SourceGate
+from services.clip.fetch.source import Selection, VideoInfo, select
+from services.clip.fetch.span import Span, fetch_span
 from services.clip.request import ClipSpec
 from services.clip.settings import ClipSettings
 from services.common.errors import AddressRefused, FetchFailed
 from services.common.http import AddressGuard, check_url
 
+logger = logging.getLogger(__name__)
 CLIP_FILE = "clip.mp4"
 SPAN_FILE = "span.mp4"
 LIVE_STATES = frozenset({"is_live", "is_upcoming", "post_live"})
@@ -50,8 +55,13 @@ class ClipResult:
 
 
 async def make_clip(
-    spec: ClipSpec, workdir: Path, settings: ClipSettings, report: ffmpeg.Report
+    spec: ClipSpec,
+    workdir: Path,
+    settings: ClipSettings,
+    report: ffmpeg.Report,
+    gate: SourceGate | None = None,
 ) -> ClipResult:
+    gate = gate or SourceGate.local(settings)
     report("reading video facts", 0.0)
     await _check_address(spec.source.url, settings)
     # Without an operator's proxy, yt-dlp and ffmpeg reach the source only through the egress
@@ -60,29 +70,29 @@ async def make_clip(
     proxy = settings.ytdlp_proxy or await egress_url(
         settings.allow_private_networks, settings.clip_proxy_buffer_bytes
     )
-    options = ydl_options(spec.source, cookie_file=settings.ytdlp_cookie_file, proxy=proxy)
-    info = await asyncio.to_thread(extract, spec.source, options)
-    if info.live_status in LIVE_STATES:
-        raise LiveNotSupported(
-            "The video is a live stream or premiere that has not ended; try once it is over."
-        )
-    if info.duration is not None:
-        spec.check_within(info.duration)
-    selection = select(info.formats, settings.clip_max_height)
-    for chosen in (selection.video, selection.audio):
-        if chosen is not None:
-            await _check_address(chosen.url, settings)
+    info, selection = await _read_source(spec, settings, gate, proxy, report)
 
     report("fetching", 0.05)
     span = workdir / SPAN_FILE
-    fetched = await fetch_span(
-        spec,
-        selection,
-        settings,
-        span,
-        proxy,
-        on_progress=lambda s: report("fetching", 0.05 + (FETCH_SHARE - 0.05) * _share(s, spec)),
-    )
+
+    async def fetch(selection: Selection) -> Span:
+        return await fetch_span(
+            spec,
+            selection,
+            settings,
+            span,
+            proxy,
+            on_progress=lambda s: report("fetching", 0.05 + (FETCH_SHARE - 0.05) * _share(s, spec)),
+        )
+
+    try:
+        fetched = await fetch(selection)
+    except SourceUnreachable:
+        # Media URLs expire, and YouTube refuses (403) those whose token it no longer accepts:
+        # with fresh ones from a new extraction, the fetch starts once more.
+        logger.info("the source stopped serving its media URLs; extracting again")
+        info, selection = await _read_source(spec, settings, gate, proxy, report, fresh=True)
+        fetched = await fetch(selection)
     duration = info.duration or fetched.source.duration
 
     # The span keeps the source's timestamps, which start at the source's own start time
@@ -137,6 +147,36 @@ async def _check_address(url: str, settings: ClipSettings) -> None:
         raise SourceRefused(f"The video source is not allowed: {exc.message}") from exc
     except FetchFailed as exc:
         raise SourceUnreachable(f"The video source could not be reached: {exc.message}") from exc
+
+
+async def _read_source(
+    spec: ClipSpec,
+    settings: ClipSettings,
+    gate: SourceGate,
+    proxy: str,
+    report: ffmpeg.Report,
+    *,
+    fresh: bool = False,
+) -> tuple[VideoInfo, Selection]:
+    """Extract the video's facts, check them against the clip, and pick its formats."""
+    info = await gate.extract(spec.source, settings, proxy, fresh=fresh)
+    if info.live_status in LIVE_STATES:
+        raise LiveNotSupported(
+            "The video is a live stream or premiere that has not ended; try once it is over."
+        )
+    if info.duration is not None:
+        spec.check_within(info.duration)
+    selection = select(info.formats, settings.clip_max_height)
+    for chosen in (selection.video, selection.audio):
+        if chosen is not None:
+            await _check_address(chosen.url, settings)
+    # YouTube makes some clients wait (the length of an ad) before their media may be fetched.
+    chosen_formats = (selection.video, selection.audio)
+    available_at = max(f.available_at or 0.0 for f in chosen_formats if f is not None)
+    if (wait := available_at - time.time()) > 0:
+        report("waiting for the source", 0.0)
+        await asyncio.sleep(wait)
+    return info, selection
 
 
 def _share(seconds: float, spec: ClipSpec) -> float:

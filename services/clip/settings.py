@@ -9,6 +9,7 @@ from typing import Annotated
 from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import NoDecode
 
+from services.clip.fetch.ytdlp_cli import js_runtimes, parse_extractor_args
 from services.common.settings import CommonSettings
 
 
@@ -176,9 +177,74 @@ class ClipSettings(CommonSettings):
         ),
     )
 
+    # YouTube in production: steering yt-dlp, its toolchain, and behaving under YouTube's limits.
+    ytdlp_extractor_args: str = Field(
+        default="",
+        description=(
+            "Extractor arguments for yt-dlp in its own syntax, e.g. "
+            "`youtube:player_client=default,mweb;skip=dash`; several extractors separated by "
+            "spaces. Checked at start-up with yt-dlp's own parser."
+        ),
+    )
+    ytdlp_js_runtime: str = Field(
+        default="deno",
+        description=(
+            "The JavaScript runtime yt-dlp solves YouTube's challenges with, as yt-dlp's "
+            "`--js-runtimes` takes it: `deno`, `node`, `bun` or `quickjs`, optionally with "
+            "`:PATH` (the binary or its folder). `deno` alone is found in this environment's "
+            "scripts folder, then on PATH."
+        ),
+    )
+    ytdlp_pot_provider_url: str | None = Field(
+        default=None,
+        description=(
+            "Base URL of a bgutil-ytdlp-pot-provider server (needs `hermes-media[pot]`); "
+            "yt-dlp then asks it for PO tokens. It must reach yt-dlp's proxy: see README."
+        ),
+    )
+    youtube_cooldown_seconds: float = Field(
+        default=600.0,
+        ge=0,
+        description=(
+            "After YouTube rate-limits an egress address, how long no request is made from it; "
+            "new jobs fail at once with rate_limited and a Retry-After (shared through Redis "
+            "in distributed mode). 0 turns it off."
+        ),
+    )
+    ytdlp_extraction_cache_seconds: float = Field(
+        default=300.0,
+        ge=0,
+        description=(
+            "How long a video's extraction (its formats and signed media URLs) is reused by "
+            "the same process, so repeated clips of one video ask YouTube once. 0 turns it off."
+        ),
+    )
+    clip_canary_url: str | None = Field(
+        default=None,
+        description=(
+            "A video clipped periodically (from 61 s in) as a canary; its result is exported "
+            "at /metrics (hermes_clip_canary_*). Unset: no canary."
+        ),
+    )
+    clip_canary_interval_seconds: float = Field(
+        default=3600.0, gt=0, description="Time between two canary runs."
+    )
+
     @field_validator("clip_extra_source_hosts", mode="before")
     @classmethod
     def _split_hosts(cls, value: object) -> object:
         if isinstance(value, str):
             return frozenset(h.strip().lower() for h in value.split(",") if h.strip())
+        return value
+
+    @field_validator("ytdlp_extractor_args")
+    @classmethod
+    def _check_extractor_args(cls, value: str) -> str:
+        parse_extractor_args(value)
+        return value
+
+    @field_validator("ytdlp_js_runtime")
+    @classmethod
+    def _check_js_runtime(cls, value: str) -> str:
+        js_runtimes(value)
         return value

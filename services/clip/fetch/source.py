@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -30,39 +31,54 @@ from services.clip.errors import (
     UnsupportedSource,
     VideoUnavailable,
 )
+from services.clip.fetch.ytdlp_cli import js_runtimes, parse_extractor_args
 from services.clip.request import SourceUrl
+from services.clip.settings import ClipSettings
 
 logger = logging.getLogger(__name__)
 
 
+# What each failure tells the person who sees it: the caller, or the operator when only
+# configuration can help.
+RATE_LIMITED = (
+    "YouTube is rate-limiting this service's address; try again later (operator: wait for the "
+    "cool-down, or set a proxy with HERMES_YTDLP_PROXY)."
+)
+BOT_CHECK = (
+    "YouTube asks this service to prove it is not a bot; try again later (operator: configure "
+    "cookies, a PO-token provider or a proxy, see README)."
+)
+GEO_BLOCKED = (
+    "The video is not available in the country this service runs in (operator: a proxy "
+    "elsewhere, HERMES_YTDLP_PROXY)."
+)
+NO_VIDEO = "No downloadable video was found at this URL."
+
 # Checked in order: several messages carry more than one keyword ("Private video. Sign in…",
-# "Video unavailable. This content isn't available, try again later…").
+# "Video unavailable. This content isn't available, try again later…"). Texts are YouTube's
+# reasons as yt-dlp 2026.10.26 passes them on, apostrophes straightened.
 RULES: tuple[tuple[type[ClipFailed], tuple[str, ...], str], ...] = (
     (
         RateLimited,
-        ("rate-limited", "try again later", "http error 429", "too many requests", "blocked"),
-        "YouTube is rate-limiting this service; try again in an hour.",
+        ("rate-limited", "try again later", "http error 429", "too many requests"),
+        RATE_LIMITED,
     ),
-    (
-        SignInRequired,
-        ("not a bot", "captcha"),
-        "YouTube asks this service to sign in to prove it is not a bot; the operator must "
-        "configure cookies, or try again later.",
-    ),
+    (SignInRequired, ("not a bot", "captcha", "only images are available"), BOT_CHECK),
     (
         GeoBlocked,
-        ("available in your country", "from your location", "geo restrict"),
-        "The video is not available in the country this service runs in.",
+        ("available in your country", "from your location", "geo restrict", "in your country"),
+        GEO_BLOCKED,
     ),
     (
         AgeRestricted,
         ("confirm your age", "age-restricted", "inappropriate for some users"),
-        "The video is age-restricted and needs a signed-in account.",
+        "The video is age-restricted and needs a signed-in account (operator: cookies of an "
+        "adult account, HERMES_YTDLP_COOKIE_FILE).",
     ),
     (
         MembersOnly,
         ("members-only", "join this channel", "channel's members"),
-        "The video is for channel members only.",
+        "The video is for channel members only (operator: cookies of a member's account).",
     ),
     (
         LiveNotSupported,
@@ -72,7 +88,7 @@ RULES: tuple[tuple[type[ClipFailed], tuple[str, ...], str], ...] = (
     (
         UnsupportedSource,
         ("unsupported url", "no suitable extractor", "no video formats", "requested format"),
-        "No downloadable video was found at this URL.",
+        NO_VIDEO,
     ),
     (
         VideoUnavailable,
@@ -87,29 +103,41 @@ RULES: tuple[tuple[type[ClipFailed], tuple[str, ...], str], ...] = (
             "not available",
             "drm protected",
         ),
-        "The video is private, removed or otherwise unavailable.",
+        "The video is private, removed or otherwise unavailable; check the link.",
     ),
     (
         SignInRequired,
         ("sign in", "--cookies", "login"),
-        "YouTube requires signing in to watch this video.",
+        "YouTube requires signing in to watch this video (operator: HERMES_YTDLP_COOKIE_FILE).",
     ),
 )
+# Warnings after which "Requested format is not available" means YouTube withheld the formats
+# from a suspected bot, not that the video has none.
+BOT_WARNINGS = ("not a bot", "only images are available", "captcha")
 
 
-def classify(exc: BaseException) -> ClipFailed:
-    """The stable failure for a yt-dlp error, with a message a person can act on."""
+def _plain(text: str) -> str:
+    return text.lower().replace("\u2019", "'")
+
+
+def classify(exc: BaseException, warnings: Sequence[str] = ()) -> ClipFailed:
+    """The stable failure for a yt-dlp error, with a message a person can act on.
+
+    ``warnings`` are what yt-dlp warned about before the error, during the same extraction.
+    """
     cause = exc.exc_info[1] if isinstance(exc, DownloadError) and exc.exc_info else exc
     if isinstance(cause, GeoRestrictedError):
-        return GeoBlocked("The video is not available in the country this service runs in.")
+        return GeoBlocked(GEO_BLOCKED)
     if isinstance(cause, HTTPError) and cause.status == 429:
-        return RateLimited("YouTube is rate-limiting this service; try again in an hour.")
-    text = str(exc).lower().replace("\u2019", "'")
+        return RateLimited(RATE_LIMITED)
+    text = _plain(str(exc))
+    if "requested format" in text and any(k in _plain(w) for w in warnings for k in BOT_WARNINGS):
+        return SignInRequired(BOT_CHECK)
     for failure, keywords, message in RULES:
         if any(k in text for k in keywords):
             return failure(message)
     if isinstance(cause, UnsupportedError):
-        return UnsupportedSource("No downloadable video was found at this URL.")
+        return UnsupportedSource(NO_VIDEO)
     if isinstance(cause, (HTTPError, TransportError)) or "unable to download" in text:
         return SourceUnreachable("The video source could not be reached; try again later.")
     return SourceUnreachable("The video could not be read from its source; try again later.")
@@ -124,6 +152,8 @@ class Format:
     bitrate: float
     protocol: str
     headers: dict[str, str] = field(default_factory=dict)
+    # When the source allows fetching it (YouTube makes some clients wait out an ad first).
+    available_at: float | None = None
 
     @property
     def has_video(self) -> bool:
@@ -150,8 +180,11 @@ class VideoInfo:
     formats: tuple[Format, ...]
 
 
-def ydl_options(source: SourceUrl, *, cookie_file: str | None, proxy: str | None) -> dict[str, Any]:
-    """Everything yt-dlp is told. Nothing here comes from the request."""
+def ydl_options(source: SourceUrl, settings: ClipSettings, proxy: str | None) -> dict[str, Any]:
+    """Everything yt-dlp is told: the operator's settings, never anything from the request.
+
+    No remote components: the challenge solver comes from the installed ``yt-dlp-ejs``.
+    """
     options: dict[str, Any] = {
         "quiet": True,
         "no_warnings": True,
@@ -162,17 +195,36 @@ def ydl_options(source: SourceUrl, *, cookie_file: str | None, proxy: str | None
         "extractor_retries": 1,
         "socket_timeout": 20,
         "allowed_extractors": ["youtube"] if source.is_youtube else ["generic"],
-        "logger": _YtDlpLogger(),
+        "js_runtimes": js_runtimes(settings.ytdlp_js_runtime),
     }
-    if cookie_file:
-        options["cookiefile"] = cookie_file
+    if arguments := extractor_args(settings):
+        options["extractor_args"] = arguments
+    if settings.ytdlp_cookie_file:
+        options["cookiefile"] = settings.ytdlp_cookie_file
     if proxy:
         options["proxy"] = proxy
     return options
 
 
+def extractor_args(settings: ClipSettings) -> dict[str, dict[str, list[str]]]:
+    """The operator's extractor arguments, with the PO-token provider's base URL."""
+    arguments = {key: dict(value) for key, value in parse_extractor_args(
+        settings.ytdlp_extractor_args
+    ).items()}  # fmt: skip
+    if settings.ytdlp_pot_provider_url:
+        provider = arguments.setdefault(POT_PROVIDER_KEY, {})
+        provider.setdefault("base_url", [settings.ytdlp_pot_provider_url])
+    return arguments
+
+
+POT_PROVIDER_KEY = "youtubepot-bgutilhttp"
+
+
 class _YtDlpLogger:
-    """Keeps yt-dlp off stderr; its warnings go to our log."""
+    """Keeps yt-dlp off stderr; its warnings go to our log, and are kept to explain errors."""
+
+    def __init__(self) -> None:
+        self.warnings: list[str] = []
 
     def debug(self, message: str) -> None:
         return
@@ -181,6 +233,7 @@ class _YtDlpLogger:
         return
 
     def warning(self, message: str) -> None:
+        self.warnings.append(message)
         logger.warning("yt-dlp: %s", message)
 
     def error(self, message: str) -> None:
@@ -191,14 +244,17 @@ def extract(source: SourceUrl, options: dict[str, Any]) -> VideoInfo:
     """Blocking: read title, duration, live status and formats. Raises ``ClipFailed``."""
     if not source.is_youtube and (direct := _direct_media(source.url, options.get("proxy"))):
         return direct
+    recorder = _YtDlpLogger()
     try:
-        with yt_dlp.YoutubeDL(options) as ydl:
+        with yt_dlp.YoutubeDL({**options, "logger": recorder}) as ydl:
             info = ydl.extract_info(source.url, download=False)
     except DownloadError as exc:
-        raise classify(exc) from exc
+        raise classify(exc, recorder.warnings) from exc
     if not isinstance(info, dict) or info.get("_type") == "playlist":
         raise UnsupportedSource("The URL is a playlist or page, not one video.")
-    formats = tuple(_format(f) for f in info.get("formats") or () if f.get("url"))
+    # A page that names one media URL gives it as the video itself, as yt-dlp then reads it.
+    raw = info.get("formats") or ([info] if info.get("url") else [])
+    formats = tuple(_format(f) for f in raw if f.get("url"))
     return VideoInfo(
         title=str(info.get("title") or source.video_id or "clip"),
         duration=float(info["duration"]) if info.get("duration") else None,
@@ -245,6 +301,7 @@ def _format(raw: dict[str, Any]) -> Format:
         bitrate=float(raw.get("tbr") or raw.get("vbr") or raw.get("abr") or 0),
         protocol=str(raw.get("protocol") or "https"),
         headers={str(k): str(v) for k, v in (raw.get("http_headers") or {}).items()},
+        available_at=float(raw["available_at"]) if raw.get("available_at") else None,
     )
 
 
