@@ -84,6 +84,12 @@ class Reader:
             headers = {**self._headers, "range": f"bytes={at}-{last}"}
             try:
                 async with self._client.stream("GET", self._url, headers=headers) as response:
+                    if response.status_code >= 400:
+                        # ffmpeg would be refused the same; the job fails (or extracts anew).
+                        raise SourceUnreachable(
+                            f"The video source answered {response.status_code} to a request "
+                            "for the clip's bytes."
+                        )
                     if response.status_code != 206:
                         raise NotPlannable(f"HTTP {response.status_code} to a range request")
                     total = response.headers.get("content-range", "").rpartition("/")[2]

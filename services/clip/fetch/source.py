@@ -11,6 +11,7 @@ import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -275,7 +276,8 @@ def _direct_media(url: str, proxy: str | None) -> VideoInfo | None:
             response = client.head(url, headers={"accept-encoding": "identity"})
     except httpx.HTTPError:
         return None
-    if response.status_code >= 500:
+    # A server that does not do HEAD (501) leaves the question to yt-dlp.
+    if response.status_code >= 500 and response.status_code != HTTPStatus.NOT_IMPLEMENTED:
         raise SourceUnreachable("The video source could not be reached; try again later.")
     kind = response.headers.get("content-type", "").split("/")[0].strip().lower()
     if response.status_code != 200 or kind not in ("video", "audio"):
