@@ -778,8 +778,9 @@ def run(plan: Plan) -> str:
         "",
         "## Where ours' bytes go",
         "",
-        "Requests of the last run of ours on each source (the first is yt-dlp's extraction, "
-        "the rest are ffmpeg's): what was asked and what the server wrote.",
+        "Requests of the last run of ours on each source (the first is the HEAD that "
+        "recognises a direct media link, then the index in requests sized to it, then the "
+        "span's byte ranges): what was asked and what the origin wrote.",
         "",
     ]
     for name in ("ours, 10 min", "ours, 60 min", "ours, 60 min, throttled"):
