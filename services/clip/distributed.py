@@ -81,6 +81,7 @@ REDIS_RESULTS = (
     "results are kept in Redis (capped by HERMES_CLIP_REDIS_RESULT_MAX_BYTES); set "
     "HERMES_CLIP_STORAGE_URL to object storage, which is how distributed mode is meant to run"
 )
+RESULT_GONE = "The clip was made, but its file is no longer kept; ask for it again."
 SWEEP_MIN_SECONDS = 0.5
 SWEEP_MAX_SECONDS = 30.0
 
@@ -416,11 +417,16 @@ async def deliver_webhook(ctx: dict[str, Any], job_id: str) -> None:
         return
     observability.job_id.set(job_id)
     observability.action_id.set(job.ouro.action_id)
-    body = await _webhook_payload(state, job)
     attempt = int(ctx["job_try"])
-    outcome = await state.sender.attempt(
-        job.ouro.webhook_url, body, token=job.ouro.webhook_token, delivery_id=job_id
-    )
+    try:
+        body = await _webhook_payload(state, job)
+    except StorageUnavailable:
+        logger.info("webhook %s: the object store is unreachable", job_id)
+        outcome = Outcome.retry
+    else:
+        outcome = await state.sender.attempt(
+            job.ouro.webhook_url, body, token=job.ouro.webhook_token, delivery_id=job_id
+        )
     if outcome is Outcome.retry:
         delay = state.sender.delay(attempt)
         started = job.webhook_started_at or time.time()
@@ -438,9 +444,12 @@ async def deliver_webhook(ctx: dict[str, Any], job_id: str) -> None:
 async def _webhook_payload(state: WorkerState, job: StoredJob) -> Payload:
     """The body, built from the record, and on success the stored file, never kept in Redis."""
     view, settings = job.view, state.settings
-    if view.status is JobStatus.succeeded and view.result is not None:
-        return success_payload(settings, job.ouro, view.result, state.results, view.job_id)
     error = view.error or ErrorDetail(code="processing_failed", message="The job failed.")
+    if view.status is JobStatus.succeeded and view.result is not None:
+        if await state.results.size(view.job_id) is not None:
+            return success_payload(settings, job.ouro, view.result, state.results, view.job_id)
+        logger.warning("webhook %s: the stored result is gone", view.job_id)
+        error = ErrorDetail(code="result_expired", message=RESULT_GONE)
     response = {"error": error.model_dump()}
     return Payload.of(webhook_body(settings, job.ouro, response, ok=False))
 

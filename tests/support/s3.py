@@ -10,6 +10,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 
@@ -54,9 +55,9 @@ class S3Server:
 
 @contextmanager
 def s3_server() -> Iterator[S3Server]:
-    executable = shutil.which("moto_server") or str(
-        __import__("pathlib").Path(sys.executable).parent / "moto_server"
-    )
+    beside = Path(sys.executable).parent / "moto_server"
+    executable = str(beside) if beside.exists() else shutil.which("moto_server")
+    assert executable, "moto_server is not installed (pip install 'moto[server]')"
     port = free_port()
     process = subprocess.Popen(
         [executable, "-H", "127.0.0.1", "-p", str(port)],
