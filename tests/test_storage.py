@@ -111,7 +111,7 @@ def test_clip_in_s3_presigned_then_expired_and_deleted(
     assert base64.b64decode(delivery.body["response"]["file"]["base64"]) == fetched.content
     Webhook(SECRET).verify(json.dumps(delivery.body, separators=(",", ":")), delivery.headers)
     assert ready["checks"]["storage"] is True
-    assert ready["warnings"] == []
+    assert "warnings" not in ready
     assert not list((cluster.root / "work").glob("*/clip.mp4")), "the local copy is deleted"
 
 
@@ -148,7 +148,7 @@ def test_worker_killed_between_upload_and_state_update(
             [delivery] = hook.wait(1, timeout=90)
             final = wait_until(lambda: (v := view(api, job))["webhook"] == "delivered" and v)
             assert s3.keys(bucket) == [f"results/{job}.mp4"]
-            wait_until(lambda: s3.keys(bucket) == [], timeout=15)
+            wait_until(lambda: s3.keys(bucket) == [], timeout=30)
     assert delivery.body["status"] == "success"
     assert final["status"] == "succeeded"
     assert final["tries"] == 2

@@ -125,7 +125,7 @@ async def _readiness(app: FastAPI) -> dict[str, bool]:
     if isinstance(queue, ArqQueue):
         checks["redis"] = await queue.ping()
     store: ResultStore | None = getattr(app.state, "store", None)
-    if store is not None:
+    if store is not None and app.state.settings.clip_storage_url is not None:
         checks["storage"] = await store.ping()
     return checks
 

@@ -252,7 +252,10 @@ class RedisStore:
         await self.redis.delete(self._key(job_id))
 
     async def ping(self) -> bool:
-        return True
+        try:
+            return bool(await self.redis.ping())
+        except (RedisError, OSError):
+            return False
 
 
 def parse_s3_url(url: str) -> tuple[str, str]:

@@ -172,7 +172,10 @@ def create_base_app(
             checks=checks,
             warnings=warnings(request.app) if warnings is not None else [],
         )
-        return JSONResponse(body.model_dump(), status_code=200 if ready else 503)
+        # Warnings appear only when there are some, so a plain deployment's answer stays short.
+        return JSONResponse(
+            body.model_dump(exclude_defaults=True), status_code=200 if ready else 503
+        )
 
     @app.get(
         "/metrics",
