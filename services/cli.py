@@ -328,7 +328,8 @@ async def make_clip(
     """The service's job, run here: in its own directory, removed however the job ends."""
     with job_directory(settings.clip_work_dir, new_job_id()) as workdir:
         try:
-            return await run_job(spec, workdir, settings, report, OuroHeaders(), gate)
+            facts, clip = await run_job(spec, workdir, settings, report, OuroHeaders(), gate)
+            return facts, await asyncio.to_thread(clip.read_bytes)
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
 

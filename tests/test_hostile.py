@@ -38,7 +38,7 @@ import httpx
 import pytest
 
 from services.clip import pipeline
-from services.clip.delivery import Outcome, WebhookSender, webhook_client
+from services.clip.delivery import Outcome, Payload, WebhookSender, webhook_client
 from services.clip.errors import SourceRefused, SourceUnreachable
 from services.clip.pipeline import _check_address
 from services.clip.request import InvalidUrl, parse_source
@@ -482,7 +482,7 @@ async def _attempt(url: str, client: GuardedClient) -> Outcome:
     )
     try:
         return await sender.attempt(
-            url, {"status": "success"}, token="hostile-token", delivery_id="msg_hostile"
+            url, Payload.of({"status": "success"}), token="hostile-token", delivery_id="msg_hostile"
         )
     finally:
         await client.aclose()

@@ -7,13 +7,14 @@ read at ``/jobs/{job_id}``, for direct callers who have no webhook.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated
 
 from fastapi import APIRouter, FastAPI, Header, Path, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, RedirectResponse, Response, StreamingResponse
 from prometheus_client import Gauge
 from pydantic import BaseModel, Field
 
@@ -31,13 +32,19 @@ from services.clip.jobs import (
 )
 from services.clip.request import build_spec
 from services.clip.settings import ClipSettings
+from services.clip.storage import ResultStore, content_disposition, open_store
 from services.clip.toolchain import ToolchainStatus
 from services.common.asgi import create_base_app
 from services.common.errors import ErrorDetail, NotFound, error_responses
 from services.common.ouro import OuroHeaders, OutputFile
 
+logger = logging.getLogger(__name__)
 ROUTE = "/download-a-clip-from-youtube"
 LOCAL = "local"
+REDIS_RESULTS_WARNING = (
+    "Distributed mode keeps results in Redis (capped by HERMES_CLIP_REDIS_RESULT_MAX_BYTES): "
+    "set HERMES_CLIP_STORAGE_URL to object storage, which is how distributed mode is meant to run."
+)
 JobId = Annotated[str, Path(pattern=r"^[0-9a-f]{32}$", description="The job id from the 202.")]
 
 
@@ -100,13 +107,16 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     canary_task = None
     if settings.redis_url:
         # The API runs no yt-dlp: the workers check their own toolchains and run the canary.
-        queue = await ArqQueue.connect(settings)
-        client = None
+        arq_queue = await ArqQueue.connect(settings)
+        queue, client, store = arq_queue, None, arq_queue.results
+        if settings.clip_storage_url is None:
+            logger.warning(REDIS_RESULTS_WARNING)
     else:
         remove_stale_directories(settings.clip_work_dir)
         client = webhook_client(settings)
         app.state.sender = webhook_sender(settings, client)
-        embedded = EmbeddedQueue(settings, app.state.sender)
+        store = open_store(settings)
+        embedded = EmbeddedQueue(settings, app.state.sender, store)
         queue = embedded
         app.state.toolchain = ToolchainStatus(settings)
         await app.state.toolchain.current()
@@ -118,7 +128,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
             canary_task = asyncio.create_task(
                 canary.run_periodically(settings, embedded.gate, keep)
             )
-    app.state.queue = queue
+    app.state.queue, app.state.store = queue, store
     try:
         yield
     finally:
@@ -140,7 +150,17 @@ async def _readiness(app: FastAPI) -> dict[str, bool]:
     toolchain: ToolchainStatus | None = getattr(app.state, "toolchain", None)
     if toolchain is not None:
         checks.update({f"youtube_{c.name}": c.ok for c in await toolchain.current()})
+    store: ResultStore | None = getattr(app.state, "store", None)
+    if store is not None and app.state.settings.clip_storage_url is not None:
+        checks["storage"] = await store.ping()
     return checks
+
+
+def _warnings(app: FastAPI) -> list[str]:
+    settings: ClipSettings = app.state.settings
+    if settings.redis_url and settings.clip_storage_url is None:
+        return [REDIS_RESULTS_WARNING]
+    return []
 
 
 async def _refresh_metrics(app: FastAPI) -> None:
@@ -170,6 +190,7 @@ def create_app(settings: ClipSettings | None = None) -> FastAPI:
         description="Download a specific time range from a YouTube video as an MP4 clip.",
         lifespan=_lifespan,
         readiness=_readiness,
+        warnings=_warnings,
         refresh_metrics=_refresh_metrics,
     )
     app.state.settings = settings
@@ -274,25 +295,38 @@ def create_app(settings: ClipSettings | None = None) -> FastAPI:
     @app.get(
         "/jobs/{job_id}/file",
         summary="Download a finished clip",
+        description=(
+            "The MP4, streamed; or, when results are kept in object storage, a redirect to a "
+            "presigned URL that is valid while the result is kept."
+        ),
         response_class=Response,
         responses={
             200: {"content": {"video/mp4": {"schema": {"type": "string", "format": "binary"}}}},
-            **error_responses(401, 404, 409, 422),
+            307: {
+                "description": "Redirect to a presigned URL of the MP4 in object storage.",
+                "headers": {"Location": {"schema": {"type": "string"}}},
+            },
+            **error_responses(401, 404, 409, 422, 503),
         },
     )
     async def read_job_file(job_id: JobId, request: Request) -> Response:
         found = await queue(request).file(job_id)
         if found is None:
             raise missing()
-        return Response(
-            found.data,
+        if found.url is not None:
+            return RedirectResponse(found.url, status_code=307)
+        return StreamingResponse(
+            found.chunks(),
             media_type="video/mp4",
-            headers={"content-disposition": f'attachment; filename="{found.filename}"'},
+            headers={
+                "content-disposition": content_disposition(found.filename),
+                "content-length": str(found.size),
+            },
         )
 
     @app.delete(
         "/jobs/{job_id}",
-        summary="Cancel a clip job",
+        summary="Cancel a clip job, or delete a finished one and its file",
         response_model=JobView,
         responses=error_responses(401, 404, 422),
     )

@@ -5,6 +5,12 @@ The API (``ArqQueue``) keeps each job's state in Redis and enqueues it; any numb
 own (``deliver_webhook``), so a failed delivery never repeats the download. Job payloads are
 JSON, never pickle. Every key lives under the deployment's queue name.
 
+Results go to the deployment's ``storage.ResultStore`` (object storage, a shared directory, or
+Redis up to a cap), never into the job record; the webhook is built from the stored file by the
+delivery job. Every result is listed with its deletion time in a sorted set before it is
+uploaded, and workers sweep that set, so a result whose job never records it (a worker killed
+between upload and state update) is still deleted in time.
+
 Faults: a worker killed mid-job leaves the job in the queue, and another worker runs it again
 once the in-progress lease (job time limit + a few seconds) runs out. On SIGTERM a worker takes
 no new job and gives running ones a grace period; the rest are cancelled and go back to the
@@ -33,7 +39,13 @@ from redis.exceptions import RedisError
 
 from services.clip import canary
 from services.clip.canary import CanaryResult
-from services.clip.delivery import Outcome, WebhookSender, webhook_client, webhook_sender
+from services.clip.delivery import (
+    Outcome,
+    Payload,
+    WebhookSender,
+    webhook_client,
+    webhook_sender,
+)
 from services.clip.errors import ClipFailed
 from services.clip.fetch.gate import ExtractionCache, RedisCooldown, SourceGate
 from services.clip.jobs import (
@@ -44,16 +56,17 @@ from services.clip.jobs import (
     JobView,
     QueueFull,
     WebhookState,
-    error_response,
     job_directory,
     queued_view,
     remove_stale_directories,
     run_job,
-    success_response,
+    stored_file,
+    success_payload,
     webhook_body,
 )
 from services.clip.request import ClipSpec, SourceUrl
 from services.clip.settings import ClipSettings
+from services.clip.storage import ResultStore, StorageUnavailable, open_store, result_lifetime
 from services.clip.toolchain import YT_DLP_VERSION, Check, ToolchainStatus
 from services.common import observability
 from services.common.errors import ErrorDetail, HermesError, Unavailable
@@ -73,10 +86,22 @@ ARQ_MAX_TRIES = 20
 HEARTBEAT_SECONDS = 10.0
 WORKER_TTL_SECONDS = 30
 REDIS_DOWN = "The job queue is unreachable; try again shortly."
+REDIS_RESULTS = (
+    "results are kept in Redis (capped by HERMES_CLIP_REDIS_RESULT_MAX_BYTES); set "
+    "HERMES_CLIP_STORAGE_URL to object storage, which is how distributed mode is meant to run"
+)
+RESULT_GONE = "The clip was made, but its file is no longer kept; ask for it again."
+SWEEP_MIN_SECONDS = 0.5
+SWEEP_MAX_SECONDS = 30.0
 
 
 class QueueUnavailable(Unavailable):
     code = "queue_unavailable"
+
+
+class ResultNotStored(ClipFailed):
+    code = "storage_unavailable"
+    transient = True
 
 
 class StoredJob(BaseModel):
@@ -142,24 +167,18 @@ class Store:
     async def forget(self, job_id: str) -> None:
         await self.redis.delete(self._key("job", job_id))
 
-    async def save_file(self, job_id: str, data: bytes) -> None:
-        ttl = max(1, int(self.settings.clip_retention_seconds))
-        await self.redis.set(self._key("file", job_id), data, ex=ttl)
+    async def keep_result_until(self, job_id: str, deadline: float) -> None:
+        """List the job's result for deletion at ``deadline`` (before it exists, too)."""
+        await self.redis.zadd(self._key("results", "due"), {job_id: deadline})
 
-    async def load_file(self, job_id: str) -> bytes | None:
-        found = await self.redis.get(self._key("file", job_id))
-        return cast(bytes | None, found)
+    async def results_due(self, now: float) -> list[str]:
+        found = await self.redis.zrangebyscore(
+            self._key("results", "due"), 0, now, start=0, num=100
+        )
+        return [job_id.decode() for job_id in found]
 
-    async def save_webhook(self, job_id: str, body: dict[str, Any]) -> None:
-        ttl = int(self.settings.webhook_window_seconds) + 60
-        await self.redis.set(self._key("webhook", job_id), _dumps(body), ex=ttl)
-
-    async def load_webhook(self, job_id: str) -> dict[str, Any] | None:
-        raw = await self.redis.get(self._key("webhook", job_id))
-        return cast(dict[str, Any], json.loads(raw)) if raw else None
-
-    async def drop_webhook(self, job_id: str) -> None:
-        await self.redis.delete(self._key("webhook", job_id))
+    async def result_gone(self, job_id: str) -> None:
+        await self.redis.zrem(self._key("results", "due"), job_id)
 
     async def request_cancel(self, job_id: str) -> None:
         await self.redis.set(self._key("cancel", job_id), b"1", ex=self._ttl)
@@ -210,10 +229,12 @@ class ArqQueue:
     """The API's side: state in Redis, jobs enqueued to arq."""
 
     store: Store
+    results: ResultStore
 
     @classmethod
     async def connect(cls, settings: ClipSettings) -> ArqQueue:
-        return cls(Store(redis_connection(settings), settings))
+        redis = redis_connection(settings)
+        return cls(Store(redis, settings), open_store(settings, redis))
 
     async def submit(self, spec: ClipSpec, ouro: OuroHeaders, key: str | None) -> JobView:
         try:
@@ -256,16 +277,24 @@ class ArqQueue:
                 raise JobNotReady(
                     f"The job is {job.view.status.value}; its file exists once it succeeds."
                 )
-            data = await self.store.load_file(job_id)
+            assert job.view.finished_at is not None
+            retention = self.store.settings.clip_retention_seconds
+            return await stored_file(self.results, job_id, result, job.view.finished_at, retention)
         except (RedisError, OSError) as exc:
             raise QueueUnavailable(REDIS_DOWN) from exc
-        return JobFile(filename=result.filename, data=data) if data is not None else None
 
     async def cancel(self, job_id: str) -> JobView | None:
+        """Cancel a job that has not ended; forget a finished one and delete its file."""
         try:
             job = await self.store.load(job_id)
-            if job is None or job.view.finished:
-                return job.view if job is not None else None
+            if job is None:
+                return None
+            if job.view.finished:
+                await self.store.forget(job_id)
+                if job.view.status is JobStatus.succeeded:
+                    await self.results.delete(job_id)
+                    await self.store.result_gone(job_id)
+                return job.view
             await self.store.request_cancel(job_id)
             await self.store.redis.zadd(abort_jobs_ss, {job_id: int(time.time() * 1000)})
             if job.view.status is JobStatus.queued:
@@ -309,16 +338,15 @@ async def _finish_failed(store: Store, job: StoredJob, error: HermesError) -> No
     view = job.view
     view.status, view.finished_at, view.stage = JobStatus.failed, time.time(), "failed"
     view.error = ErrorDetail(code=error.code, message=error.message)
-    body = webhook_body(store.settings, job.ouro, error_response(error), ok=False)
-    await _queue_webhook(store, job, body)
+    await _queue_webhook(store, job)
 
 
-async def _queue_webhook(store: Store, job: StoredJob, body: dict[str, Any]) -> None:
+async def _queue_webhook(store: Store, job: StoredJob) -> None:
+    """Record the job's end; its webhook is built from the record (and the stored file)."""
     job_id = job.view.job_id
     if job.ouro.webhook_url:
         job.view.webhook = WebhookState.pending
         job.webhook_started_at = time.time()
-        await store.save_webhook(job_id, body)
     await store.save(job)
     if job.ouro.webhook_url:
         await store.enqueue("deliver_webhook", job_id, f"{job_id}:webhook")
@@ -330,6 +358,7 @@ class WorkerState:
 
     settings: ClipSettings
     store: Store
+    results: ResultStore
     client: GuardedClient
     sender: WebhookSender
     gate: SourceGate
@@ -375,9 +404,14 @@ async def clip_job(ctx: dict[str, Any], job_id: str) -> None:
     try:
         with job_directory(settings.clip_work_dir, job_id) as workdir:
             try:
-                facts, data = await run_job(
+                facts, clip = await run_job(
                     job.clip_spec(), workdir, settings, report, job.ouro, state.gate
                 )
+                view.stage = "storing"
+                await store.keep_result_until(job_id, time.time() + result_lifetime(settings))
+                await state.results.put(job_id, clip, facts.filename)
+            except StorageUnavailable as exc:
+                raise ResultNotStored(f"The clip could not be stored: {exc.message}") from exc
             finally:
                 shutil.rmtree(workdir, ignore_errors=True)
     except ClipFailed as exc:
@@ -409,12 +443,20 @@ async def clip_job(ctx: dict[str, Any], job_id: str) -> None:
         await _finish_failed(store, job, ClipFailed("The clip could not be made; it is logged."))
         return
     flusher.cancel()
-    await store.save_file(job_id, data)
     view.status, view.finished_at, view.progress = JobStatus.succeeded, time.time(), 1.0
     view.stage, view.result, view.error = "done", facts, None
-    body = webhook_body(settings, job.ouro, success_response(facts, data), ok=True)
-    await _queue_webhook(store, job, body)
+    await store.keep_result_until(job_id, _result_deadline(settings, job))
+    await _queue_webhook(store, job)
     logger.info("job %s succeeded: %d bytes", job_id, facts.bytes)
+
+
+def _result_deadline(settings: ClipSettings, job: StoredJob) -> float:
+    """Retention after the job's end, and never before its webhook can have been sent."""
+    assert job.view.finished_at is not None
+    keep = settings.clip_retention_seconds
+    if job.view.webhook is WebhookState.pending:
+        keep = max(keep, settings.webhook_window_seconds)
+    return job.view.finished_at + keep
 
 
 async def _flush_progress(store: Store, job: StoredJob) -> None:
@@ -433,15 +475,20 @@ async def deliver_webhook(ctx: dict[str, Any], job_id: str) -> None:
     state = _state(ctx)
     store = state.store
     job = await store.load(job_id)
-    body = await store.load_webhook(job_id)
-    if job is None or body is None or job.ouro.webhook_url is None:
+    if job is None or job.ouro.webhook_url is None or job.view.webhook is not WebhookState.pending:
         return
     observability.job_id.set(job_id)
     observability.action_id.set(job.ouro.action_id)
     attempt = int(ctx["job_try"])
-    outcome = await state.sender.attempt(
-        job.ouro.webhook_url, body, token=job.ouro.webhook_token, delivery_id=job_id
-    )
+    try:
+        body = await _webhook_payload(state, job)
+    except StorageUnavailable:
+        logger.info("webhook %s: the object store is unreachable", job_id)
+        outcome = Outcome.retry
+    else:
+        outcome = await state.sender.attempt(
+            job.ouro.webhook_url, body, token=job.ouro.webhook_token, delivery_id=job_id
+        )
     if outcome is Outcome.retry:
         delay = state.sender.delay(attempt)
         started = job.webhook_started_at or time.time()
@@ -452,7 +499,37 @@ async def deliver_webhook(ctx: dict[str, Any], job_id: str) -> None:
         WebhookState.delivered if outcome is Outcome.delivered else WebhookState.failed
     )
     await store.save(job)
-    await store.drop_webhook(job_id)
+    if job.view.status is JobStatus.succeeded:
+        await store.keep_result_until(job_id, _result_deadline(state.settings, job))
+
+
+async def _webhook_payload(state: WorkerState, job: StoredJob) -> Payload:
+    """The body, built from the record, and on success the stored file, never kept in Redis."""
+    view, settings = job.view, state.settings
+    error = view.error or ErrorDetail(code="processing_failed", message="The job failed.")
+    if view.status is JobStatus.succeeded and view.result is not None:
+        if await state.results.size(view.job_id) is not None:
+            return success_payload(settings, job.ouro, view.result, state.results, view.job_id)
+        logger.warning("webhook %s: the stored result is gone", view.job_id)
+        error = ErrorDetail(code="result_expired", message=RESULT_GONE)
+    response = {"error": error.model_dump()}
+    return Payload.of(webhook_body(settings, job.ouro, response, ok=False))
+
+
+async def _sweep(state: WorkerState) -> None:
+    """Delete results whose time is up, every few seconds; any worker may do it."""
+    every = min(
+        SWEEP_MAX_SECONDS, max(SWEEP_MIN_SECONDS, state.settings.clip_retention_seconds / 4)
+    )
+    while True:
+        try:
+            for job_id in await state.store.results_due(time.time()):
+                await state.results.delete(job_id)
+                await state.store.result_gone(job_id)
+                logger.info("result of job %s expired and was deleted", job_id)
+        except (RedisError, OSError, StorageUnavailable) as exc:
+            logger.warning("result sweep failed (%s); trying again", type(exc).__name__)
+        await asyncio.sleep(every)
 
 
 async def _startup(ctx: dict[str, Any]) -> None:
@@ -460,11 +537,14 @@ async def _startup(ctx: dict[str, Any]) -> None:
     removed = remove_stale_directories(settings.clip_work_dir)
     if removed:
         logger.info("removed %d directories of dead jobs", len(removed))
+    if settings.clip_storage_url is None:
+        logger.warning(REDIS_RESULTS)
     client = webhook_client(settings)
     cooldown = RedisCooldown(ctx["redis"], f"{settings.clip_queue_name}:cooldown")
     state = WorkerState(
         settings=settings,
         store=Store(ctx["redis"], settings),
+        results=open_store(settings, ctx["redis"]),
         client=client,
         sender=webhook_sender(settings, client),
         gate=SourceGate(cooldown, ExtractionCache(settings.ytdlp_extraction_cache_seconds)),
@@ -473,6 +553,7 @@ async def _startup(ctx: dict[str, Any]) -> None:
     ctx["state"] = state
     await state.toolchain.current()
     state.tasks.append(asyncio.create_task(_heartbeat(state)))
+    state.tasks.append(asyncio.create_task(_sweep(state)))
     if settings.clip_canary_url:
 
         def keep(result: CanaryResult) -> None:

@@ -2,7 +2,8 @@
 
 ``ClipQueue`` is what the API needs of a queue. ``EmbeddedQueue`` (this module) runs jobs as
 asyncio tasks inside the API process, the default; ``distributed.ArqQueue`` runs them on arq
-workers sharing a Redis. Both run a job through ``run_job``.
+workers sharing a Redis. Both run a job through ``run_job``, keep its MP4 in a
+``storage.ResultStore``, and build its webhook from the stored file (``webhook_payload``).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import logging
 import shutil
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -22,16 +23,17 @@ from typing import Any, Protocol
 
 from pydantic import BaseModel, Field
 
-from services.clip.delivery import WebhookSender
+from services.clip.delivery import Payload, WebhookSender
 from services.clip.errors import ClipFailed
 from services.clip.fetch.gate import SourceGate
 from services.clip.ouro_log import RunLog
 from services.clip.pipeline import ClipResult, make_clip
 from services.clip.request import ClipSpec, safe_filename
 from services.clip.settings import ClipSettings
+from services.clip.storage import ResultStore
 from services.common import observability
 from services.common.errors import ErrorDetail, HermesError, Unavailable
-from services.common.ouro import OuroHeaders, OutputFile, WebhookBody
+from services.common.ouro import OuroHeaders, WebhookBody
 
 logger = logging.getLogger(__name__)
 LOCK_FILE = ".lock"
@@ -108,8 +110,26 @@ class JobNotReady(HermesError):
 
 @dataclass(frozen=True)
 class JobFile:
+    """A stored result: callers are sent to ``url`` when the store signs one, else streamed."""
+
     filename: str
-    data: bytes
+    size: int
+    url: str | None
+    chunks: Callable[[], AsyncIterator[bytes]]
+
+
+async def stored_file(
+    store: ResultStore, job_id: str, facts: ClipFacts, finished_at: float, retention: float
+) -> JobFile | None:
+    """The job's result while it is kept: a presigned URL lives no longer than the result."""
+    remaining = finished_at + retention - time.time()
+    if remaining <= 0:
+        return None
+    size = await store.size(job_id)
+    if size is None:
+        return None
+    url = await store.presign(job_id, remaining)
+    return JobFile(facts.filename, size, url, lambda: store.chunks(job_id))
 
 
 class ClipQueue(Protocol):
@@ -157,12 +177,19 @@ def facts_of(spec: ClipSpec, result: ClipResult) -> ClipFacts:
     )
 
 
-def success_response(facts: ClipFacts, data: bytes) -> dict[str, Any]:
-    """The webhook's ``response`` on success: the file payload, and the facts beside it."""
-    payload = OutputFile.of(
-        data, name=facts.name, filename=facts.filename, mime="video/mp4", extension="mp4"
-    )
-    return {"file": payload.model_dump(), **facts.model_dump()}
+def success_payload(
+    settings: ClipSettings, ouro: OuroHeaders, facts: ClipFacts, store: ResultStore, job_id: str
+) -> Payload:
+    """The success webhook, its file streamed from the store: the facts beside the file."""
+
+    def build(base64: str) -> dict[str, Any]:
+        file = {
+            "name": facts.name, "description": None, "filename": facts.filename,
+            "type": "video/mp4", "extension": "mp4", "base64": base64,
+        }  # fmt: skip
+        return webhook_body(settings, ouro, {"file": file, **facts.model_dump()}, ok=True)
+
+    return Payload.around(build, lambda: store.chunks(job_id), facts.bytes)
 
 
 def webhook_body(
@@ -220,8 +247,8 @@ async def run_job(
     report: Callable[[str, float], None],
     ouro: OuroHeaders,
     gate: SourceGate | None = None,
-) -> tuple[ClipFacts, bytes]:
-    """One run of a clip job, within the job time limit; the MP4's bytes and its facts.
+) -> tuple[ClipFacts, Path]:
+    """One run of a clip job, within the job time limit; the MP4's facts and its path.
 
     Its steps also go to the run's log on Ouro when an API key is configured. ``gate`` is what
     the process's jobs share when asking the source (cool-down, extraction cache).
@@ -235,10 +262,9 @@ async def run_job(
     try:
         async with asyncio.timeout(settings.clip_job_timeout_seconds):
             result = await make_clip(spec, workdir, settings, step, gate)
-        data = await asyncio.to_thread(result.path.read_bytes)
         facts = facts_of(spec, result)
         run_log.note(f"Clip ready: {facts.clip_duration:.2f} s, {facts.bytes} bytes.")
-        return facts, data
+        return facts, result.path
     except TimeoutError as exc:
         error = JobTimeout(f"The job took longer than {settings.clip_job_timeout_seconds:g} s.")
         run_log.note(error.message, "error")
@@ -255,7 +281,6 @@ class _Job:
     view: JobView
     spec: ClipSpec
     ouro: OuroHeaders
-    file: Path | None = None
     task: asyncio.Task[None] | None = None
     delivery: asyncio.Task[None] | None = None
 
@@ -266,6 +291,7 @@ class EmbeddedQueue:
 
     settings: ClipSettings
     sender: WebhookSender
+    store: ResultStore
     _jobs: dict[str, _Job] = field(default_factory=dict)
     _keys: dict[str, str] = field(default_factory=dict)
     _slots: asyncio.Semaphore = field(init=False)
@@ -276,7 +302,7 @@ class EmbeddedQueue:
         self.gate = SourceGate.local(self.settings)
 
     async def submit(self, spec: ClipSpec, ouro: OuroHeaders, key: str | None) -> JobView:
-        self._expire()
+        await self._expire()
         if key is not None and (existing := self._keys.get(key)) in self._jobs:
             return self._jobs[existing].view
         active = sum(1 for j in self._jobs.values() if not j.view.finished)
@@ -292,29 +318,40 @@ class EmbeddedQueue:
         return view
 
     async def get(self, job_id: str) -> JobView | None:
-        self._expire()
+        await self._expire()
         job = self._jobs.get(job_id)
         return job.view if job is not None else None
 
     async def file(self, job_id: str) -> JobFile | None:
-        self._expire()
+        await self._expire()
         job = self._jobs.get(job_id)
         if job is None:
             return None
-        if job.file is None or job.view.result is None:
-            raise JobNotReady(
-                f"The job is {job.view.status.value}; its file exists once it succeeds."
-            )
-        data = await asyncio.to_thread(job.file.read_bytes)
-        return JobFile(filename=job.view.result.filename, data=data)
+        view = job.view
+        if view.status is not JobStatus.succeeded or view.result is None:
+            raise JobNotReady(f"The job is {view.status.value}; its file exists once it succeeds.")
+        assert view.finished_at is not None
+        return await stored_file(
+            self.store, job_id, view.result, view.finished_at, self.settings.clip_retention_seconds
+        )
 
     async def cancel(self, job_id: str) -> JobView | None:
+        """Cancel a job that has not ended; forget a finished one and delete its file."""
         job = self._jobs.get(job_id)
-        if job is not None and job.task is not None and not job.task.done():
+        if job is None:
+            return None
+        if job.task is not None and not job.task.done():
             job.task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await job.task
-        return job.view if job is not None else None
+        elif job.view.finished:
+            del self._jobs[job_id]
+            if job.delivery is not None:
+                job.delivery.cancel()
+            if job.view.status is JobStatus.succeeded:
+                await self.store.delete(job_id)
+            shutil.rmtree(self.settings.clip_work_dir / job_id, ignore_errors=True)
+        return job.view
 
     async def stats(self) -> dict[str, int]:
         counts = dict.fromkeys(JobStatus, 0)
@@ -336,13 +373,15 @@ class EmbeddedQueue:
         for job_id in self._jobs:
             shutil.rmtree(self.settings.clip_work_dir / job_id, ignore_errors=True)
 
-    def _expire(self) -> None:
+    async def _expire(self) -> None:
         cutoff = time.time() - self.settings.clip_retention_seconds
         for job_id, job in list(self._jobs.items()):
             done = job.view.finished and (job.delivery is None or job.delivery.done())
             if done and job.view.finished_at is not None and job.view.finished_at < cutoff:
-                shutil.rmtree(self.settings.clip_work_dir / job_id, ignore_errors=True)
                 del self._jobs[job_id]
+                if job.view.status is JobStatus.succeeded:
+                    await self.store.delete(job_id)
+                shutil.rmtree(self.settings.clip_work_dir / job_id, ignore_errors=True)
         self._keys = {k: v for k, v in self._keys.items() if v in self._jobs}
 
     async def _run(self, job: _Job) -> None:
@@ -352,47 +391,48 @@ class EmbeddedQueue:
         try:
             async with self._slots:
                 view.status, view.started_at, view.tries = JobStatus.running, time.time(), 1
-                response, ok = await self._work(job), True
+                payload = await self._work(job)
         except HermesError as exc:
-            response, ok = self._fail(job, exc), False
+            payload = self._fail(job, exc)
         except asyncio.CancelledError:
-            response = self._fail(job, Cancelled("The job was cancelled before it finished."))
-            self._deliver(job, webhook_body(self.settings, job.ouro, response, ok=False))
+            self._deliver(
+                job, self._fail(job, Cancelled("The job was cancelled before it finished."))
+            )
             raise
         except Exception:
             logger.exception("job %s failed unexpectedly", view.job_id)
-            error = ClipFailed("The clip could not be made; the failure has been logged.")
-            response, ok = self._fail(job, error), False
-        self._deliver(job, webhook_body(self.settings, job.ouro, response, ok=ok))
+            payload = self._fail(job, ClipFailed("The clip could not be made; it is logged."))
+        self._deliver(job, payload)
 
-    async def _work(self, job: _Job) -> dict[str, Any]:
+    async def _work(self, job: _Job) -> Payload:
         view = job.view
 
         def report(stage: str, progress: float) -> None:
             view.stage, view.progress = stage, max(view.progress, round(progress, 4))
 
         with job_directory(self.settings.clip_work_dir, view.job_id) as workdir:
-            facts, data = await run_job(
+            facts, clip = await run_job(
                 job.spec, workdir, self.settings, report, job.ouro, self.gate
             )
             for leftover in workdir.iterdir():
-                if leftover.name not in (LOCK_FILE, "clip.mp4"):
+                if leftover not in (workdir / LOCK_FILE, clip):
                     leftover.unlink()
-            job.file = workdir / "clip.mp4"
+            view.stage = "storing"
+            await self.store.put(view.job_id, clip, facts.filename)
         view.status, view.finished_at, view.progress = JobStatus.succeeded, time.time(), 1.0
         view.stage, view.result = "done", facts
         logger.info("job %s succeeded: %d bytes", view.job_id, facts.bytes)
-        return success_response(facts, data)
+        return success_payload(self.settings, job.ouro, facts, self.store, view.job_id)
 
-    def _fail(self, job: _Job, error: HermesError) -> dict[str, Any]:
+    def _fail(self, job: _Job, error: HermesError) -> Payload:
         shutil.rmtree(self.settings.clip_work_dir / job.view.job_id, ignore_errors=True)
         view = job.view
         view.status, view.finished_at, view.stage = JobStatus.failed, time.time(), "failed"
         view.error = ErrorDetail(code=error.code, message=error.message)
         logger.info("job %s failed: %s", view.job_id, error.code)
-        return error_response(error)
+        return Payload.of(webhook_body(self.settings, job.ouro, error_response(error), ok=False))
 
-    def _deliver(self, job: _Job, body: dict[str, Any]) -> None:
+    def _deliver(self, job: _Job, body: Payload) -> None:
         """Delivery runs beside the job, so a slow receiver never holds a job slot."""
         url = job.ouro.webhook_url
         if url is None:

@@ -230,6 +230,47 @@ class ClipSettings(CommonSettings):
         default=3600.0, gt=0, description="Time between two canary runs."
     )
 
+    # Result storage: where finished MP4s are kept, and how callers get them.
+    clip_storage_url: str | None = Field(
+        default=None,
+        description=(
+            "Where finished MP4s are kept: s3://bucket/prefix (endpoint, region and credentials "
+            "from the usual AWS_* variables, e.g. AWS_ENDPOINT_URL for MinIO or R2), or an "
+            "absolute directory (in distributed mode, one every replica and worker mounts). "
+            "Unset: each job's directory (embedded), or Redis (distributed, up to the limit "
+            "below; object storage is how distributed mode is meant to run)."
+        ),
+    )
+    clip_storage_public_endpoint: str | None = Field(
+        default=None,
+        description=(
+            "The object store's address as callers reach it, when it differs from "
+            "AWS_ENDPOINT_URL inside the deployment: presigned download URLs are made for it."
+        ),
+    )
+    clip_redis_result_max_bytes: int | None = Field(
+        default=None,
+        gt=0,
+        description=(
+            "Distributed mode without object storage: largest MP4 kept in Redis (the job fails "
+            "with output_too_large past it). Unset: HERMES_CLIP_MAX_OUTPUT_BYTES."
+        ),
+    )
+
+    @field_validator("clip_storage_url")
+    @classmethod
+    def _check_storage_url(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        value = value.strip()
+        if value.startswith("s3://"):
+            if not value.removeprefix("s3://").split("/", 1)[0]:
+                raise ValueError("an s3:// storage URL needs a bucket: s3://bucket/prefix")
+            return value
+        if "://" in value or not Path(value).is_absolute():
+            raise ValueError("the storage URL must be s3://bucket/prefix or an absolute directory")
+        return value
+
     @field_validator("clip_extra_source_hosts", mode="before")
     @classmethod
     def _split_hosts(cls, value: object) -> object:

@@ -107,6 +107,9 @@ Readiness = Callable[[FastAPI], Awaitable[dict[str, bool]]]
 class ReadyBody(BaseModel):
     status: str = Field(description="`ready` or `not_ready`.")
     checks: dict[str, bool] = Field(description="Each dependency and whether it answers.")
+    warnings: list[str] = Field(
+        default_factory=list, description="Ready, but not configured as meant for production."
+    )
 
 
 def create_base_app(
@@ -116,6 +119,7 @@ def create_base_app(
     description: str,
     lifespan: Callable[[FastAPI], Any] | None = None,
     readiness: Readiness,
+    warnings: Callable[[FastAPI], list[str]] | None = None,
     refresh_metrics: Callable[[FastAPI], Awaitable[None]] | None = None,
 ) -> FastAPI:
 
@@ -163,8 +167,15 @@ def create_base_app(
     async def readyz(request: Request) -> JSONResponse:
         checks = await readiness(request.app)
         ready = all(checks.values())
-        body = ReadyBody(status="ready" if ready else "not_ready", checks=checks)
-        return JSONResponse(body.model_dump(), status_code=200 if ready else 503)
+        body = ReadyBody(
+            status="ready" if ready else "not_ready",
+            checks=checks,
+            warnings=warnings(request.app) if warnings is not None else [],
+        )
+        # Warnings appear only when there are some, so a plain deployment's answer stays short.
+        return JSONResponse(
+            body.model_dump(exclude_defaults=True), status_code=200 if ready else 503
+        )
 
     @app.get(
         "/metrics",

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -221,8 +221,10 @@ class GuardedClient:
         except httpx.HTTPError as exc:
             raise FetchFailed(f"The file URL could not be fetched: {_reason(exc)}.") from exc
 
-    async def post(self, url: str, content: bytes, *, headers: Mapping[str, str]) -> httpx.Response:
-        """POST to a checked URL without following redirects (webhooks)."""
+    async def post(
+        self, url: str, content: bytes | AsyncIterable[bytes], *, headers: Mapping[str, str]
+    ) -> httpx.Response:
+        """POST to a checked URL without following redirects (webhooks); ``content`` may stream."""
         target = check_url(url)
         return await self._client.post(target, content=content, headers=dict(headers))
 
