@@ -21,7 +21,7 @@ ifdef PIP_CERT
 export SSL_CERT_FILE ?= $(PIP_CERT)
 endif
 
-.PHONY: install run test test-image test-system-packages lint openapi bench lock lock-yt-dlp
+.PHONY: install run test test-image test-bare test-system-packages lint openapi bench lock lock-yt-dlp
 install: $(TEST_STAMP)
 
 $(UV):
@@ -69,6 +69,10 @@ test: test-system-packages lint
 # Builds the image and checks it as a user would (tests/image); needs a Docker engine.
 test-image: $(TEST_STAMP)
 	HERMES_TEST_IMAGE=$(IMAGE) $(BIN)/pytest -m image tests/image -q -s -p no:cacheprovider --timeout=600
+
+# The README's two commands on a fresh clone in a bare Debian container (committed HEAD only).
+test-bare:
+	tests/image/bare-machine.sh
 
 openapi: $(RUN_STAMP)
 	$(BIN)/hermes-media openapi
