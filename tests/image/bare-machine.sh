@@ -25,7 +25,7 @@ fi
 
 # shellcheck disable=SC2016 # expanded inside the container
 exec "$docker" run "$@" "$image" sh -euc '
-    git clone -q /src/repo.bundle /root/hermes-media && cd /root/hermes-media
+    git clone -q -c advice.detachedHead=false /src/repo.bundle /root/hermes-media && cd /root/hermes-media
     start=$(date +%s)
     setsid make run >/tmp/run.log 2>&1 &
     for port in 8001 8002; do
@@ -37,7 +37,9 @@ exec "$docker" run "$@" "$image" sh -euc '
         done
     done
     echo "bare machine: make run answered /readyz on 8001 and 8002 after $(( $(date +%s) - start )) s"
-    kill -TERM -- -$!; wait || true
+    # setsid made make the leader of a process group: stop it and the server it started.
+    python3 -c "import os, signal, sys; os.killpg(int(sys.argv[1]), signal.SIGTERM)" $!
+    wait || true
     if .venv/bin/python -c "import pytest" 2>/dev/null; then
         echo "make run installed the test tools" >&2; exit 1
     fi
