@@ -101,7 +101,7 @@ def base_image(docker: Docker) -> str:
 @pytest.fixture(scope="session")
 def image(docker: Docker, base_image: str) -> str:
     """The image built from this tree; the CA bundle, when the environment names one, is a
-    build secret and must not be in any layer."""
+    build secret and must not be left in the image."""
     secret: list[str] = []
     bundle = os.environ.get("PIP_CERT") or os.environ.get("SSL_CERT_FILE")
     if bundle:
