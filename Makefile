@@ -15,7 +15,7 @@ IMAGE ?= hermes-media:test
 
 # uv trusts the system's certificate store, and the bundle pip is pointed at when the
 # environment names one (uv reads SSL_CERT_FILE, not PIP_CERT). It never downloads a Python.
-export UV_NATIVE_TLS := true
+export UV_SYSTEM_CERTS := true
 export UV_PYTHON_DOWNLOADS := never
 ifdef PIP_CERT
 export SSL_CERT_FILE ?= $(PIP_CERT)
