@@ -24,7 +24,7 @@ if [ -n "$bundle" ]; then
 fi
 
 # shellcheck disable=SC2016 # expanded inside the container
-exec "$docker" run "$@" "$image" sh -euc '
+"$docker" run "$@" "$image" sh -euc '
     git clone -q -c advice.detachedHead=false /src/repo.bundle /root/hermes-media && cd /root/hermes-media
     start=$(date +%s)
     setsid make run >/tmp/run.log 2>&1 &
