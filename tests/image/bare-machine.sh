@@ -14,6 +14,7 @@ image=hermes-media-bare:bookworm
 
 work=$(mktemp -d /var/tmp/hermes-bare.XXXXXX)
 trap 'rm -rf "$work"' EXIT
+trap 'exit 1' INT TERM
 git -C "$root" bundle create "$work/repo.bundle" HEAD 2>/dev/null
 
 set -- --rm --network host --shm-size 1g -e CI=true -v "$work:/src:ro"

@@ -13,7 +13,8 @@ fi
 packages=python3,python3-venv,ca-certificates
 for extra in "$@"; do packages="$packages,$extra"; done
 rootfs=$(mktemp -d /var/tmp/hermes-rootfs.XXXXXX)
-trap 'rm -rf "$rootfs"' EXIT
+trap 'rm -rf "$rootfs" "$rootfs.log"' EXIT
+trap 'exit 1' INT TERM
 debootstrap --variant=minbase --include="$packages" bookworm "$rootfs" \
     "${DEBIAN_MIRROR:-http://deb.debian.org/debian}" >"$rootfs.log" 2>&1 \
     || { tail -20 "$rootfs.log" >&2; rm -f "$rootfs.log"; exit 1; }
