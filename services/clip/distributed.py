@@ -431,11 +431,11 @@ async def clip_job(ctx: dict[str, Any], job_id: str) -> None:
         return
     except asyncio.CancelledError:
         flusher.cancel()
-        if await store.cancel_requested(job_id):
-            await _finish_failed(store, job, Cancelled(CANCELLED))
+        # In a task of its own: before Python 3.11.3 (Debian 12 has 3.11.2), the asyncio.timeout
+        # redis-py puts around reads raises CancelledError in a task being cancelled, so this
+        # task could not record the job's end.
+        if await asyncio.shield(_interrupted(store, job)):
             return
-        view.status, view.stage, view.progress = JobStatus.queued, "requeued", 0.0
-        await store.save(job)
         raise
     except Exception:
         flusher.cancel()
@@ -457,6 +457,15 @@ def _result_deadline(settings: ClipSettings, job: StoredJob) -> float:
     if job.view.webhook is WebhookState.pending:
         keep = max(keep, settings.webhook_window_seconds)
     return job.view.finished_at + keep
+async def _interrupted(store: Store, job: StoredJob) -> bool:
+    """Record a cancelled job's end (True), or hand an interrupted one back to the queue."""
+    if await store.cancel_requested(job.view.job_id):
+        await _finish_failed(store, job, Cancelled(CANCELLED))
+        return True
+    view = job.view
+    view.status, view.stage, view.progress = JobStatus.queued, "requeued", 0.0
+    await store.save(job)
+    return False
 
 
 async def _flush_progress(store: Store, job: StoredJob) -> None:
