@@ -457,6 +457,8 @@ def _result_deadline(settings: ClipSettings, job: StoredJob) -> float:
     if job.view.webhook is WebhookState.pending:
         keep = max(keep, settings.webhook_window_seconds)
     return job.view.finished_at + keep
+
+
 async def _interrupted(store: Store, job: StoredJob) -> bool:
     """Record a cancelled job's end (True), or hand an interrupted one back to the queue."""
     if await store.cancel_requested(job.view.job_id):
