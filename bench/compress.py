@@ -248,7 +248,9 @@ def _source(image: Image.Image, fmt: str) -> bytes:
 
 
 def _ours(source: bytes, quality: int) -> bytes:
-    return compress(source, quality=quality, strip_metadata=False, limits=LIMITS).data
+    return compress(
+        source, quality=quality, strip_metadata=False, keep_location=False, limits=LIMITS
+    ).data
 
 
 def _pillow(source: bytes, fmt: str, quality: int) -> bytes:

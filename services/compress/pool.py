@@ -38,13 +38,24 @@ class CodecPool:
         )
 
     async def compress(
-        self, data: bytes, *, quality: int, strip_metadata: bool, limits: Limits
+        self,
+        data: bytes,
+        *,
+        quality: int,
+        strip_metadata: bool,
+        keep_location: bool,
+        limits: Limits,
     ) -> Compressed:
         loop = asyncio.get_running_loop()
         executor = self._executor
         try:
             job = partial(
-                compress, data, quality=quality, strip_metadata=strip_metadata, limits=limits
+                compress,
+                data,
+                quality=quality,
+                strip_metadata=strip_metadata,
+                keep_location=keep_location,
+                limits=limits,
             )
             return await loop.run_in_executor(executor, job)
         except BrokenProcessPool as exc:
