@@ -26,7 +26,7 @@ from PIL import Image, ImageFile, ImageSequence, PngImagePlugin, UnidentifiedIma
 from services.common.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
 from services.compress import jpeg
 from services.compress.formats import ACCEPTED_NAMES, FORMATS, ImageFormat
-from services.compress.metadata import Metadata, read_metadata
+from services.compress.metadata import Metadata, blank_location, read_metadata
 
 pillow_heif.register_heif_opener()
 # The pixel limit is ours (checked from the header before decoding); Pillow's own warning would
@@ -106,8 +106,15 @@ def compress(
         raise InvalidInput(f"The {fmt.extension.upper()} file is damaged or truncated.") from exc
     most = len(data) - 1 if lossless else len(data) * (1 - jpeg.MIN_SAVING)
     smaller = len(encoded) <= most
+    result = encoded if smaller else data
+    if meta.location_removed:
+        # The input itself, or a PNG whose text chunks were carried over, may still say where
+        # the picture was taken.
+        result = blank_location(result, image)
+        if fmt.pillow_name == "PNG":
+            result = _png_with_fresh_crcs(result)
     return Compressed(
-        data=encoded if smaller else data,
+        data=result,
         format=fmt,
         width=width,
         height=height,
@@ -233,6 +240,11 @@ def _iter_png_chunks(data: bytes) -> Iterator[tuple[bytes, bytes]]:
         position = end
         if kind == b"IEND":
             return
+
+
+def _png_with_fresh_crcs(png: bytes) -> bytes:
+    chunks = (_png_chunk(kind, chunk[8:-4]) for kind, chunk in _iter_png_chunks(png))
+    return PNG_SIGNATURE + b"".join(chunks)
 
 
 def _png_chunk(kind: bytes, payload: bytes) -> bytes:
