@@ -175,9 +175,13 @@ def _encode(
     if name == "WEBP":
         return _webp(image, data, quality, meta)
     if name == "GIF":
-        return _gif(image, quality, meta)
+        return _gif(image, data, quality, meta)
     if name in ("AVIF", "HEIF"):
         return _lossy_modern(image, name, quality, meta), False
+    if name == "BMP" and "A" in image.getbands():
+        # Pillow writes alpha into 32-bit BMP without the bit masks that say it is alpha, so
+        # every reader, Pillow included, would show the image opaque.
+        return data, True
     if name in ("TIFF", "BMP"):
         return _lossless_raster(image, name, meta), True
     return _ico(image), True
@@ -190,7 +194,8 @@ def _encode(
 # because running both (to keep the smaller) cost the lossless pass on every image.
 # APNG is always lossless. ``compress`` returns the input itself when neither is smaller.
 def _png(image: Image.Image, data: bytes, quality: int, meta: Metadata) -> tuple[bytes, bool]:
-    if quality >= 100 or _frame_count(image) > 1:
+    # An APNG of one frame is still an animation (its frame control gives it a duration).
+    if quality >= 100 or getattr(image, "custom_mimetype", None) == "image/apng":
         return _png_lossless(data, meta), True
     try:
         quantized = imagequant.quantize_pil_image(
@@ -320,7 +325,7 @@ def _frames(image: Image.Image) -> tuple[list[Image.Image], list[int]]:
 # GIF: every frame, duration, disposal and the loop count are kept. At 100 the colours are
 # kept and Pillow's optimiser only crops frames to what changes; below 100 each frame gets a
 # smaller palette, 256 colours scaled by quality (at least 16), which LZW then packs tighter.
-def _gif(image: Image.Image, quality: int, meta: Metadata) -> tuple[bytes, bool]:
+def _gif(image: Image.Image, data: bytes, quality: int, meta: Metadata) -> tuple[bytes, bool]:
     frames: list[Image.Image] = []
     durations: list[int] = []
     disposals: list[int] = []
@@ -330,9 +335,17 @@ def _gif(image: Image.Image, quality: int, meta: Metadata) -> tuple[bytes, bool]
         durations.append(int(frame.info.get("duration", 0)))
         disposals.append(int(getattr(frame, "disposal_method", 0)))
         current = frame.copy()
+        if frames and current.size != frames[0].size:
+            # A frame that outgrows the logical screen (Pillow then grows the image) cannot
+            # be written back as it was shown.
+            return data, True
         if colours < 256:
-            current = current.convert("RGBA").quantize(
-                colors=colours, method=Image.Quantize.FASTOCTREE
+            # Back to RGBA, so that Pillow's GIF writer picks the transparent index as it does
+            # for the input's own frames; a quantised palette image alone loses transparency.
+            current = (
+                current.convert("RGBA")
+                .quantize(colors=colours, method=Image.Quantize.FASTOCTREE)
+                .convert("RGBA")
             )
         frames.append(current)
     out = io.BytesIO()
@@ -353,7 +366,8 @@ def _gif(image: Image.Image, quality: int, meta: Metadata) -> tuple[bytes, bool]
         optimize=True,
         **extra,
     )
-    return out.getvalue(), colours == 256
+    # Even with every colour kept, the frames are written anew from what Pillow composited.
+    return out.getvalue(), False
 
 
 # AVIF and HEIC: lossy at ``quality``, as their encoders define it; animations (AVIF) keep

@@ -64,6 +64,10 @@ class CodecPool:
                 self._executor = self._new_executor()
             raise InvalidInput("The image could not be decoded.") from exc
 
+    def worker_pids(self) -> list[int]:
+        """The worker processes' ids, to tell a replaced worker and to read their memory."""
+        return sorted(self._executor._processes)
+
     def alive(self) -> bool:
         """Whether the pool can take work (a broken pool is replaced on its next use)."""
         return not getattr(self._executor, "_broken", False)
