@@ -60,9 +60,11 @@ def rendered(data: bytes) -> tuple[list[np.ndarray], int]:
     for frame in ImageSequence.Iterator(image):
         frame.load()
         total += int(frame.info.get("duration", 0))
-        rgba = np.asarray(frame.convert("RGBA")).astype(np.uint16)
-        rgba[..., :3] = rgba[..., :3] * rgba[..., 3:] // 255
-        shown = rgba.astype(np.uint8)
+        shown = np.asarray(frame.convert("RGBA"))
+        if shown[..., 3].min() < 255:
+            wide = shown.astype(np.uint16)
+            wide[..., :3] = wide[..., :3] * wide[..., 3:] // 255
+            shown = wide.astype(np.uint8)
         if not frames or not np.array_equal(frames[-1], shown):
             frames.append(shown)
     return frames, total
