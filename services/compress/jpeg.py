@@ -6,8 +6,9 @@ detail a second time, so:
   transcoder (``mozjpeg-lossless-optimization``) rewrites the entropy coding with optimal
   Huffman tables and progressive scans, and the decoded pixels are the input's bit for bit;
 - asked for less, the image is re-encoded (settings below), and the smaller of that and the
-  lossless optimisation is returned; a re-encode that saves less than ``MIN_SAVING`` of the
-  input is not worth a second generation of loss, and the lossless result is kept instead.
+  lossless optimisation is returned (the latter is not run when the re-encode is already
+  smaller than it can be); a re-encode that saves less than ``MIN_SAVING`` of the input is not
+  worth a second generation of loss, and the lossless result is kept instead.
 """
 
 from __future__ import annotations
@@ -23,6 +24,11 @@ from services.compress.metadata import Metadata
 
 # A re-encode, which changes pixels, must save at least this share of the input's bytes.
 MIN_SAVING = 0.03
+# The least the lossless pass has left of an input: 0.827 on 18 camera JPEGs
+# (jpeg-measurements), 0.918-0.954 in docs/benchmarks-compress.md. A re-encode under this share
+# of the input is smaller than the pass could be, and the pass, whose progressive scan search
+# takes several times a re-encode, is skipped.
+LOSSLESS_LEAVES_AT_LEAST = 0.8
 # ITU-T T.81 Annex K, table K.1: the luminance table that libjpeg (IJG) scales for quality q,
 # in natural (row by row) order, as Pillow reports tables.
 STANDARD_LUMINANCE = (
@@ -52,13 +58,17 @@ SAME_FAMILY_BELOW = 95
 
 def encode(image: Image.Image, data: bytes, quality: int, meta: Metadata) -> tuple[bytes, bool]:
     """The JPEG to return, and whether its pixels are the input's (lossless)."""
-    lossless = optimise_losslessly(data, meta, adobe=image.mode == "CMYK")
-    candidates = [(lossless, True)] if lossless is not None else []
+    candidates: list[tuple[bytes, bool]] = []
     source_quality = estimated_quality(image)
     if source_quality is None or quality < source_quality:
         reencoded = reencode(image, quality, meta, source_quality=source_quality)
+        if len(reencoded) < len(data) * LOSSLESS_LEAVES_AT_LEAST:
+            return reencoded, False
         if len(reencoded) <= len(data) * (1 - MIN_SAVING):
             candidates.append((reencoded, False))
+    lossless = optimise_losslessly(data, meta, adobe=image.mode == "CMYK")
+    if lossless is not None:
+        candidates.append((lossless, True))
     return min(candidates, key=lambda candidate: len(candidate[0]), default=(data, True))
 
 
@@ -67,25 +77,28 @@ def estimated_quality(image: Image.Image) -> int | None:
 
     libjpeg makes the table for quality q by scaling Annex K's by s = 5000 / q percent below 50
     and s = 200 - 2q from 50, rounding and clamping each entry to 1..255. A table made that way
-    is recognised exactly by building all hundred. Any other table (a camera's own, mozjpeg's
+    is recognised exactly (all hundred are built once). Any other table (a camera's own, mozjpeg's
     table 5) is read as jpegoptim and ImageMagick do: s is the mean of entry / Annex K entry in
     percent, and q is s inverted (q = 100 - s / 2 up to s = 100, else 5000 / s).
     """
     tables: dict[int, list[int]] | None = getattr(image, "quantization", None)
     if not tables or 0 not in tables or len(tables[0]) != len(STANDARD_LUMINANCE):
         return None
-    table = list(tables[0])
-    for quality in range(1, 101):
-        if _ijg_table(quality) == table:
-            return quality
+    table = tuple(tables[0])
+    if table in IJG_TABLES:
+        return IJG_TABLES[table]
     scale = sum(q * 100 / k for q, k in zip(table, STANDARD_LUMINANCE, strict=True)) / 64
     estimate = 100 - scale / 2 if scale <= 100 else 5000 / scale
     return min(100, max(1, round(estimate)))
 
 
-def _ijg_table(quality: int) -> list[int]:
+def _ijg_table(quality: int) -> tuple[int, ...]:
     scale = 5000 // quality if quality < 50 else 200 - 2 * quality
-    return [min(255, max(1, (entry * scale + 50) // 100)) for entry in STANDARD_LUMINANCE]
+    return tuple(min(255, max(1, (entry * scale + 50) // 100)) for entry in STANDARD_LUMINANCE)
+
+
+# Where two qualities make the same table, the higher one is named.
+IJG_TABLES = {_ijg_table(quality): quality for quality in range(1, 101)}
 
 
 def optimise_losslessly(data: bytes, meta: Metadata, *, adobe: bool) -> bytes | None:
