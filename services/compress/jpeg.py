@@ -41,19 +41,17 @@ STANDARD_LUMINANCE = (
     49, 64, 78, 87, 103, 121, 120, 101,
     72, 92, 95, 98, 112, 100, 103, 99,
 )  # fmt: skip
-# A re-encode asked for fewer than SAME_FAMILY_WITHIN quality points below an input saved below
-# SAME_FAMILY_BELOW keeps the input's table family (libjpeg's Annex K tables, which Pillow,
-# cameras and phones use or approximate) at the requested number; otherwise it uses table 5 at
-# the mapped number. Calibrated offline on already-compressed photos that the tests and the
-# benchmark do not use (skimage's motorcycle_right and rocket, saved by Pillow at 60-95, 4:2:0,
-# 4:2:2 and 4:4:4, asked for 40-90; 61 cases): 5 and 10 points below an input at 60-90, table 5
-# scored up to 6.3 SSIMULACRA2 points below Pillow's re-save at the same number in 11 of 14
-# cases (the input's rounding steps are re-rounded to other ones); 15 and more below, it scored
-# 0.1 to 6.1 above at 0.81-1.02x the bytes; below an input at 95, at most 0.1 below at every
-# gap, at 0.89-0.95x. Annex K at the requested number scores exactly as Pillow's re-save, at
-# 0.99-1.0x its optimize+progressive bytes.
+# A re-encode asked for fewer than SAME_FAMILY_WITHIN quality points below the input's keeps
+# the input's table family (libjpeg's Annex K tables, which Pillow, cameras and phones use or
+# approximate) at the requested number; further below, it uses table 5 at the mapped number.
+# Calibrated offline by bench/jpeg_calibration.py on photos that the tests and the benchmark do
+# not use (skimage's motorcycle_right and rocket, saved by Pillow at 60-95, 4:2:0, 4:2:2 and
+# 4:4:4, asked for 40-90; 84 cases): 5 and 10 points below the input's quality, table 5 scored
+# up to 6.3 SSIMULACRA2 points below Pillow's re-save at the same number in 16 of 24 cases (the
+# input's rounding steps are re-rounded to other ones); 15 and more below, at worst 0.8 below
+# and on average above, at 0.81-1.02x the bytes. Annex K at the requested number scores exactly
+# as Pillow's re-save, at 0.99-1.0x its optimize+progressive bytes.
 SAME_FAMILY_WITHIN = 15
-SAME_FAMILY_BELOW = 95
 
 
 def encode(image: Image.Image, data: bytes, quality: int, meta: Metadata) -> tuple[bytes, bool]:
@@ -156,11 +154,7 @@ def reencode(
     )
     if cmyk:
         pixels = pixels.copy(interpretation="cmyk")
-    same_family = (
-        source_quality is not None
-        and source_quality < SAME_FAMILY_BELOW
-        and source_quality - quality < SAME_FAMILY_WITHIN
-    )
+    same_family = source_quality is not None and source_quality - quality < SAME_FAMILY_WITHIN
     encoded: bytes = pixels.jpegsave_buffer(
         Q=quality if same_family else _mozjpeg_quality(quality),
         keep="none",
