@@ -108,7 +108,9 @@ def main() -> None:
     with ProcessPoolExecutor(max_workers=os.cpu_count()) as pool:
         cases = [case for found in pool.map(_cases, jobs) for case in found]
     print(
-        "| input | asked | " + " | ".join(f"{n}: bytes/Pillow, score - Pillow's" for n in ENCODERS)
+        "| input | asked | "
+        + " | ".join(f"{n}: bytes/Pillow, score - Pillow's" for n in ENCODERS)
+        + " |"
     )
     print("|---|---|" + "---|" * len(ENCODERS))
     for case in cases:

@@ -44,13 +44,14 @@ STANDARD_LUMINANCE = (
 # A re-encode asked for fewer than SAME_FAMILY_WITHIN quality points below the input's keeps
 # the input's table family (libjpeg's Annex K tables, which Pillow, cameras and phones use or
 # approximate) at the requested number; further below, it uses table 5 at the mapped number.
-# Calibrated offline by bench/jpeg_calibration.py on photos that the tests and the benchmark do
-# not use (skimage's motorcycle_right and rocket, saved by Pillow at 60-95, 4:2:0, 4:2:2 and
-# 4:4:4, asked for 40-90; 84 cases): 5 and 10 points below the input's quality, table 5 scored
-# up to 6.3 SSIMULACRA2 points below Pillow's re-save at the same number in 16 of 24 cases (the
-# input's rounding steps are re-rounded to other ones); 15 and more below, at worst 0.8 below
-# and on average above, at 0.81-1.02x the bytes. Annex K at the requested number scores exactly
-# as Pillow's re-save, at 0.99-1.0x its optimize+progressive bytes.
+# Calibrated offline by bench/jpeg_calibration.py (docs/jpeg-calibration.md) on photos that
+# the tests and the benchmark do not use (skimage's motorcycle_right and rocket, saved by
+# Pillow at 60-95, 4:2:0, 4:2:2 and 4:4:4, asked for 40-90; 84 cases): 5 and 10 points below
+# the input's quality, table 5 scored up to 6.3 SSIMULACRA2 points below Pillow's re-save at
+# the same number in 16 of 24 cases (the input's rounding steps are re-rounded to other ones);
+# 15 and more below, at worst 0.8 below and on average 1.7 above, at 0.81-1.02x the bytes.
+# Annex K at the requested number scores exactly as Pillow's re-save, at 0.99-1.0x its
+# optimize+progressive bytes.
 SAME_FAMILY_WITHIN = 15
 
 
