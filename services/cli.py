@@ -210,7 +210,12 @@ def _read_image(path: Path, max_bytes: int) -> bytes:
 
 
 async def compress_all(
-    jobs: Sequence[CompressJob], *, quality: int, strip_metadata: bool, settings: CompressSettings
+    jobs: Sequence[CompressJob],
+    *,
+    quality: int,
+    strip_metadata: bool,
+    keep_location: bool,
+    settings: CompressSettings,
 ) -> list[CompressOutcome | None]:
     """Compress every job in the codec pool, printing each line as it finishes; ``None`` for
     each job that failed (its reason is on stderr)."""
@@ -228,7 +233,11 @@ async def compress_all(
                     _read_image, job.source, settings.compress_max_input_bytes
                 )
                 result = await pool.compress(
-                    data, quality=quality, strip_metadata=strip_metadata, limits=limits
+                    data,
+                    quality=quality,
+                    strip_metadata=strip_metadata,
+                    keep_location=keep_location,
+                    limits=limits,
                 )
                 if result.compressed or job.target.resolve() != job.source.resolve():
                     await asyncio.to_thread(
@@ -261,6 +270,7 @@ def _compress(args: argparse.Namespace) -> int:
             jobs,
             quality=args.quality,
             strip_metadata=args.strip_metadata,
+            keep_location=args.keep_location,
             settings=CompressSettings(),
         )
     )
@@ -488,6 +498,11 @@ def _add_compress(commands: Subcommands) -> None:
         "--strip-metadata",
         action="store_true",
         help="Drop EXIF, XMP and comments (the ICC profile and the orientation stay).",
+    )
+    compress.add_argument(
+        "--keep-location",
+        action="store_true",
+        help="Keep the GPS coordinates in EXIF and XMP (removed by default).",
     )
     compress.add_argument(
         "-r", "--recursive", action="store_true", help="With a folder, its subfolders too."

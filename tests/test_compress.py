@@ -14,16 +14,23 @@ import httpx
 import numpy as np
 import pillow_heif
 import pytest
+import pyvips
+import ssimulacra2
 from PIL import Image, ImageSequence
 from skimage.metrics import structural_similarity
 
 from services.compress.app import create_app
+from services.compress.jpeg import estimated_quality
 from services.compress.settings import CompressSettings
 from tests.support.apps import client
 from tests.support.images import (
+    GPS,
+    GPS_IFD_TAG,
     MAKE_TAG,
     ORIENTATION_TAG,
+    display_p3_profile,
     encode,
+    photo,
     png_header_only,
     srgb_profile,
     write_samples,
@@ -95,6 +102,9 @@ def post(api: httpx.Client, url: str, **body: object) -> httpx.Response:
         "lossless.webp",
         "photo.avif",
         "photo.heic",
+        "phone.heic",
+        "camera-q90-422.jpg",
+        "camera-q95-444.jpg",
         "photo.tiff",
         "pages.tiff",
         "palette.bmp",
@@ -117,11 +127,13 @@ def test_same_format_never_bigger_and_looks_the_same(
     assert body["file"]["extension"] == name.rsplit(".", 1)[1].replace("tiff", "tif")
     assert body["compressed_bytes"] == len(data) <= len(original) == body["original_bytes"]
     assert body["compressed"] == (len(data) < len(original))
+    if body["method"] == "reencoded":
+        assert len(data) <= 0.97 * len(original)
     assert (body["width"], body["height"]) == source.size
     before, after = frames_of(original), frames_of(data)
     assert len(after) == len(before) == body["frames"] or name == "icon.ico"
     for a, b in zip(before, after, strict=True):
-        if name in LOSSLESS:
+        if name in LOSSLESS or body["method"] == "lossless":
             assert np.array_equal(a, b)
         else:
             assert similarity(a, b) > 0.85
@@ -341,3 +353,148 @@ def test_request_body_limit(files: tuple[RangeServer, Path]) -> None:
         assert at_limit.status_code == 422
         past = api.post("/compress-an-image", content=b" " * 10_001, headers=json_type)
         error(past, 413, "payload_too_large")
+
+
+def compress_bytes(api: httpx.Client, data: bytes, name: str, **form: str) -> httpx.Response:
+    response = upload(api, data, name, **form)
+    assert response.status_code == 200, response.text
+    return response
+
+
+def score(reference: bytes, distorted: bytes) -> float:
+    """SSIMULACRA2 of ``distorted`` against ``reference``, both decoded as RGB."""
+
+    def png(data: bytes) -> io.BytesIO:
+        return io.BytesIO(encode(Image.open(io.BytesIO(data)).convert("RGB"), "PNG"))
+
+    return float(ssimulacra2.compute_ssimulacra2(png(reference), png(distorted)))
+
+
+def pixels(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)))
+
+
+@pytest.mark.parametrize("quality", [1, 20, 50, 75, 80, 90, 95, 99, 100])
+def test_jpeg_quality_is_read_from_its_tables(quality: int) -> None:
+    for subsampling in ("4:2:0", "4:4:4"):
+        jpeg = encode(photo(), "JPEG", quality=quality, subsampling=subsampling)
+        assert estimated_quality(Image.open(io.BytesIO(jpeg))) == quality
+
+
+def test_jpeg_quality_of_other_tables_and_of_none() -> None:
+    # mozjpeg's table 5 at 75 steps more finely at low and more coarsely at high frequencies;
+    # read as the IJG scale it is a lower quality.
+    vips = pyvips.Image.new_from_memory(photo().tobytes(), 512, 512, 3, "uchar")
+    table5 = vips.jpegsave_buffer(Q=75, quant_table=5)
+    assert 55 <= (estimated_quality(Image.open(io.BytesIO(table5))) or 0) < 75
+    assert estimated_quality(photo()) is None
+
+
+@pytest.mark.parametrize(
+    ("name", "quality"),
+    [("camera-q90-422.jpg", 90), ("camera-q90-422.jpg", 100), ("camera-q95-444.jpg", 95)],
+)
+def test_jpeg_at_or_above_its_quality_is_optimised_losslessly(
+    api: httpx.Client, files: tuple[RangeServer, Path], name: str, quality: int
+) -> None:
+    _, root = files
+    original = (root / name).read_bytes()
+    response = compress_bytes(api, original, name, quality=str(quality))
+    assert response.headers["x-compression-method"] == "lossless"
+    assert response.headers["x-compressed"] == "true"
+    assert len(response.content) < 0.95 * len(original)
+    assert np.array_equal(pixels(response.content), pixels(original))
+    result, source = Image.open(io.BytesIO(response.content)), Image.open(io.BytesIO(original))
+    assert result.info.get("progressive")
+    assert result.info["icc_profile"] == source.info["icc_profile"]
+    exif = result.getexif()
+    assert exif[ORIENTATION_TAG] == source.getexif()[ORIENTATION_TAG]
+    assert exif[MAKE_TAG] == "HermesCam"
+    assert GPS_IFD_TAG not in exif
+
+
+@pytest.mark.parametrize(
+    ("name", "quality"),
+    [
+        ("camera-q95-444.jpg", 85),
+        ("camera-q95-444.jpg", 75),
+        ("camera-q95-444.jpg", 60),
+        ("camera-q90-422.jpg", 85),
+        ("camera-q90-422.jpg", 75),
+    ],
+)
+def test_jpeg_below_its_quality_looks_no_worse_than_pillow(
+    api: httpx.Client, files: tuple[RangeServer, Path], name: str, quality: int
+) -> None:
+    _, root = files
+    original = (root / name).read_bytes()
+    response = compress_bytes(api, original, name, quality=str(quality))
+    pillow = encode(Image.open(io.BytesIO(original)), "JPEG", quality=quality)
+    assert score(original, response.content) >= score(original, pillow) - 1
+    assert len(response.content) <= 0.97 * len(original)
+    if response.headers["x-compression-method"] == "lossless":
+        assert np.array_equal(pixels(response.content), pixels(original))
+
+
+@pytest.mark.parametrize("quality", [60, 85, 100])
+def test_compressing_its_own_output_again_changes_nothing(
+    api: httpx.Client, files: tuple[RangeServer, Path], quality: int
+) -> None:
+    _, root = files
+    once = compress_bytes(api, (root / "camera-q95-444.jpg").read_bytes(), "a.jpg").content
+    once = compress_bytes(api, once, "a.jpg", quality=str(quality)).content
+    twice = compress_bytes(api, once, "a.jpg", quality=str(quality))
+    assert twice.headers["x-compression-method"] == "lossless"
+    assert np.array_equal(pixels(twice.content), pixels(once))
+
+
+@pytest.mark.parametrize(("fmt", "quality"), [("AVIF", 75), ("HEIF", 90)])
+def test_lossy_input_at_its_own_quality_saving_under_3_percent_comes_back_unchanged(
+    api: httpx.Client, fmt: str, quality: int
+) -> None:
+    original = encode(photo(), fmt, quality=quality)
+    response = compress_bytes(api, original, f"a.{fmt.lower()}", quality=str(quality))
+    assert response.headers["x-compressed"] == "false"
+    assert response.headers["x-compression-method"] == "lossless"
+    assert response.content == original
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["camera-q90-422.jpg", "camera-q95-444.jpg", "phone.heic", "located.png", "located.webp"],
+)
+@pytest.mark.parametrize("quality", [75, 100])
+def test_location_is_removed_unless_kept(
+    api: httpx.Client, files: tuple[RangeServer, Path], name: str, quality: int
+) -> None:
+    server, root = files
+    original = (root / name).read_bytes()
+    private = post(api, server.url(name), quality=quality).json()
+    kept = post(api, server.url(name), quality=quality, keep_location=True).json()
+    form_kept = upload(api, original, name, quality=str(quality), keep_location="true")
+    private_image = Image.open(io.BytesIO(base64.b64decode(private["file"]["base64"])))
+    assert GPS_IFD_TAG not in private_image.getexif()
+    assert b"GPS" not in xmp_of(private_image)
+    assert private_image.getexif()[MAKE_TAG] == "HermesCam"
+    for data in (base64.b64decode(kept["file"]["base64"]), form_kept.content):
+        image = Image.open(io.BytesIO(data))
+        assert image.getexif().get_ifd(GPS_IFD_TAG) == GPS
+        if name != "phone.heic":
+            assert b"exif:GPSLatitude" in xmp_of(image)
+    if name != "phone.heic":
+        assert b'xmp:CreatorTool="HermesCam"' in xmp_of(private_image)
+
+
+def xmp_of(image: Image.Image) -> bytes:
+    xmp = image.info.get("xmp") or image.info.get("XML:com.adobe.xmp", b"")
+    return xmp.encode() if isinstance(xmp, str) else bytes(xmp)
+
+
+def test_phone_heic_keeps_its_display_p3_profile(
+    api: httpx.Client, files: tuple[RangeServer, Path]
+) -> None:
+    server, _ = files
+    body = post(api, server.url("phone.heic"), quality=70).json()
+    result = Image.open(io.BytesIO(base64.b64decode(body["file"]["base64"])))
+    assert result.info["icc_profile"] == display_p3_profile()
+    assert body["method"] == "reencoded"

@@ -740,7 +740,7 @@ data = sys.stdin.buffer.read()
 before = peak_kb()
 started = time.perf_counter()
 try:
-    compress(data, quality=85, strip_metadata=False,
+    compress(data, quality=85, strip_metadata=False, keep_location=False,
              limits=Limits(max_pixels=max_pixels, max_frames=1000))
     outcome = "accepted"
 except PayloadTooLarge:

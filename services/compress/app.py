@@ -5,7 +5,7 @@ from __future__ import annotations
 import posixpath
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Annotated
+from typing import Annotated, Literal
 from urllib.parse import quote, unquote, urlsplit
 
 from fastapi import FastAPI, File, Form, Request, UploadFile
@@ -25,17 +25,21 @@ from services.compress.settings import CompressSettings
 ROUTE = "/compress-an-image"
 QUALITY_DESCRIPTION = (
     "1 to 100, higher is better quality; what it means for each format is in the README "
-    "(PNG at 100 and TIFF, BMP, ICO are lossless)."
+    "(PNG at 100 and TIFF, BMP, ICO are lossless). A JPEG asked for its own quality or more "
+    "is only optimised losslessly."
+)
+STRIP_DESCRIPTION = "Drop EXIF, XMP and comments; the ICC profile and orientation stay."
+KEEP_LOCATION_DESCRIPTION = (
+    "Keep the GPS coordinates in EXIF and XMP; by default they are removed, so a published "
+    "copy does not tell where the picture was taken."
 )
 
 
 class CompressRequest(BaseModel):
     file: InputFileAsset = Field(description="The image, as Ouro resolves a file asset.")
     quality: int = Field(default=DEFAULT_QUALITY, ge=1, le=100, description=QUALITY_DESCRIPTION)
-    strip_metadata: bool = Field(
-        default=False,
-        description="Drop EXIF, XMP and comments; the ICC profile and orientation stay.",
-    )
+    strip_metadata: bool = Field(default=False, description=STRIP_DESCRIPTION)
+    keep_location: bool = Field(default=False, description=KEEP_LOCATION_DESCRIPTION)
 
     model_config = {
         "json_schema_extra": {
@@ -54,7 +58,17 @@ class CompressResponse(BaseModel):
     compressed_bytes: int
     ratio: float = Field(description="compressed_bytes / original_bytes.")
     compressed: bool = Field(
-        description="False when re-encoding was not smaller and the input came back unchanged."
+        description=(
+            "False when the input came back unchanged: nothing was smaller, or a re-encode "
+            "would have saved less than 3%."
+        )
+    )
+    method: Literal["lossless", "reencoded"] = Field(
+        description=(
+            "lossless: the pixels are the input's, bit for bit (only the encoding was "
+            "optimised, or the input came back unchanged); reencoded: the image was encoded "
+            "again at the requested quality."
+        )
     )
 
 
@@ -111,9 +125,17 @@ def create_app(settings: CompressSettings | None = None) -> FastAPI:
         max_pixels=settings.compress_max_pixels, max_frames=settings.compress_max_frames
     )
 
-    async def run(request: Request, data: bytes, quality: int, strip: bool) -> Compressed:
+    async def run(
+        request: Request, data: bytes, quality: int, strip: bool, keep_location: bool
+    ) -> Compressed:
         pool: CodecPool = request.app.state.pool
-        return await pool.compress(data, quality=quality, strip_metadata=strip, limits=limits)
+        return await pool.compress(
+            data,
+            quality=quality,
+            strip_metadata=strip,
+            keep_location=keep_location,
+            limits=limits,
+        )
 
     @app.post(
         ROUTE,
@@ -137,7 +159,7 @@ def create_app(settings: CompressSettings | None = None) -> FastAPI:
     async def compress_an_image(body: CompressRequest, request: Request) -> CompressResponse:
         client: GuardedClient = request.app.state.client
         data = await client.fetch_bytes(body.file.url, max_bytes=settings.compress_max_input_bytes)
-        result = await run(request, data, body.quality, body.strip_metadata)
+        result = await run(request, data, body.quality, body.strip_metadata, body.keep_location)
         filename = _filename(body.file, result)
         return CompressResponse(
             file=OutputFile.of(
@@ -156,6 +178,7 @@ def create_app(settings: CompressSettings | None = None) -> FastAPI:
             compressed_bytes=len(result.data),
             ratio=round(len(result.data) / result.original_bytes, 4),
             compressed=result.compressed,
+            method=result.method,
         )
 
     @app.post(
@@ -164,7 +187,7 @@ def create_app(settings: CompressSettings | None = None) -> FastAPI:
         description=(
             "For direct HTTP callers: send the image as multipart form data, get the "
             "compressed bytes back. Sizes are in the X-Original-Bytes and "
-            "X-Compressed-Bytes headers."
+            "X-Compressed-Bytes headers; X-Compressed and X-Compression-Method say what was done."
         ),
         response_class=Response,
         responses={
@@ -181,14 +204,15 @@ def create_app(settings: CompressSettings | None = None) -> FastAPI:
         quality: Annotated[
             int, Form(ge=1, le=100, description=QUALITY_DESCRIPTION)
         ] = DEFAULT_QUALITY,
-        strip_metadata: Annotated[bool, Form(description="Drop EXIF, XMP, comments.")] = False,
+        strip_metadata: Annotated[bool, Form(description=STRIP_DESCRIPTION)] = False,
+        keep_location: Annotated[bool, Form(description=KEEP_LOCATION_DESCRIPTION)] = False,
     ) -> Response:
         data = await file.read(settings.compress_max_input_bytes + 1)
         if len(data) > settings.compress_max_input_bytes:
             raise PayloadTooLarge(
                 f"The file is larger than the limit of {settings.compress_max_input_bytes} bytes."
             )
-        result = await run(request, data, quality, strip_metadata)
+        result = await run(request, data, quality, strip_metadata, keep_location)
         filename = file.filename or f"image.{result.format.extension}"
         return Response(
             content=result.data,
@@ -198,6 +222,7 @@ def create_app(settings: CompressSettings | None = None) -> FastAPI:
                 "x-original-bytes": str(result.original_bytes),
                 "x-compressed-bytes": str(len(result.data)),
                 "x-compressed": str(result.compressed).lower(),
+                "x-compression-method": result.method,
                 "x-image-format": result.format.pillow_name,
             },
         )

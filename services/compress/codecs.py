@@ -15,6 +15,7 @@ import warnings
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Literal
 
 import imagequant
 import oxipng
@@ -23,7 +24,9 @@ import pyvips
 from PIL import Image, ImageFile, ImageSequence, PngImagePlugin, UnidentifiedImageError
 
 from services.common.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
+from services.compress import jpeg
 from services.compress.formats import ACCEPTED_NAMES, FORMATS, ImageFormat
+from services.compress.metadata import Metadata, blank_location, read_metadata
 
 pillow_heif.register_heif_opener()
 # The pixel limit is ours (checked from the header before decoding); Pillow's own warning would
@@ -37,12 +40,11 @@ pyvips.cache_set_max(0)
 
 # Ouro's published example uses 85; the route, the upload form and the CLI default to it.
 DEFAULT_QUALITY = 85
-ORIENTATION_TAG = 0x0112
 # What Pillow's decoders and encoders raise on hostile or damaged files: libtiff, for one,
 # surfaces bad tags as TypeError and RuntimeError. Each becomes a 422, never a 500.
 DECODER_ERRORS = (
     OSError, SyntaxError, ValueError, EOFError, struct.error, TypeError, RuntimeError,
-    IndexError, KeyError, ZeroDivisionError, MemoryError,
+    IndexError, KeyError, ZeroDivisionError, MemoryError, oxipng.PngError,
 )  # fmt: skip
 EXIF_TAG_IN_PNG = b"eXIf"
 PNG_TEXT_CHUNKS = frozenset({b"tEXt", b"zTXt", b"iTXt", b"tIME"})
@@ -78,39 +80,48 @@ class Compressed:
     frames: int
     original_bytes: int
     compressed: bool
+    # lossless: the pixels are the input's, bit for bit (also when the input came back as it
+    # was); reencoded: they were encoded again at the requested quality.
+    method: Literal["lossless", "reencoded"]
 
 
-@dataclass(frozen=True)
-class Metadata:
-    """What is carried from the input to the output, already reduced when stripping."""
-
-    icc: bytes | None
-    exif: bytes | None
-    xmp: bytes | None
-    comment: bytes | None
-    stripped: bool
-
-
-def compress(data: bytes, *, quality: int, strip_metadata: bool, limits: Limits) -> Compressed:
-    """Compress ``data`` in its own format; return the input itself when that is not smaller."""
+def compress(
+    data: bytes, *, quality: int, strip_metadata: bool, keep_location: bool, limits: Limits
+) -> Compressed:
+    """Compress ``data`` in its own format; return the input itself when that is not smaller,
+    or when a re-encode saves less than ``jpeg.MIN_SAVING`` (a second generation of loss for a
+    few percent is a bad trade)."""
     image = _open(data, limits)
     fmt = FORMATS[str(image.format)]
     frames = _frame_count(image)
     width, height = image.size
     try:
         image.load()
-        encoded = _encode(image, data, fmt, quality, _metadata(image, strip_metadata))
+        meta = read_metadata(image, strip=strip_metadata, keep_location=keep_location)
+        encoded, lossless = _encode(image, data, fmt, quality, meta)
+    except Image.DecompressionBombError as exc:
+        # A frame larger than the image's header says (a GIF frame's own extent, say).
+        raise PayloadTooLarge(_too_many_pixels(limits)) from exc
     except DECODER_ERRORS as exc:
         raise InvalidInput(f"The {fmt.extension.upper()} file is damaged or truncated.") from exc
-    smaller = len(encoded) < len(data)
+    most = len(data) - 1 if lossless else len(data) * (1 - jpeg.MIN_SAVING)
+    smaller = len(encoded) <= most
+    result = encoded if smaller else data
+    if meta.location_removed:
+        # The input itself, or a PNG whose text chunks were carried over, may still say where
+        # the picture was taken.
+        result = blank_location(result, image)
+        if fmt.pillow_name == "PNG":
+            result = _png_with_fresh_crcs(result)
     return Compressed(
-        data=encoded if smaller else data,
+        data=result,
         format=fmt,
         width=width,
         height=height,
         frames=frames,
         original_bytes=len(data),
         compressed=smaller,
+        method="reencoded" if smaller and not lossless else "lossless",
     )
 
 
@@ -152,107 +163,28 @@ def _frame_count(image: Image.Image) -> int:
     return int(getattr(image, "n_frames", 1))
 
 
-def _metadata(image: Image.Image, strip: bool) -> Metadata:
-    icc = image.info.get("icc_profile") or None
-    exif = image.getexif()
-    xmp = image.info.get("xmp") or None
-    if isinstance(xmp, str):
-        xmp = xmp.encode()
-    comment = image.info.get("comment") or None
-    if isinstance(comment, str):
-        comment = comment.encode()
-    if strip:
-        orientation = exif.get(ORIENTATION_TAG)
-        exif = Image.Exif()
-        if orientation not in (None, 1):
-            exif[ORIENTATION_TAG] = orientation
-        exif_bytes = exif.tobytes() if len(exif) else None
-        return Metadata(icc=icc, exif=exif_bytes, xmp=None, comment=None, stripped=True)
-    exif_bytes = exif.tobytes() if len(exif) else None
-    return Metadata(icc=icc, exif=exif_bytes, xmp=xmp, comment=comment, stripped=False)
-
-
 def _encode(
     image: Image.Image, data: bytes, fmt: ImageFormat, quality: int, meta: Metadata
-) -> bytes:
+) -> tuple[bytes, bool]:
+    """The encoded image, and whether its pixels are the input's (lossless)."""
     name = fmt.pillow_name
     if name == "JPEG":
-        return _jpeg(image, quality, meta)
+        return jpeg.encode(image, data, quality, meta)
     if name == "PNG":
         return _png(image, data, quality, meta)
     if name == "WEBP":
         return _webp(image, data, quality, meta)
     if name == "GIF":
-        return _gif(image, quality, meta)
+        return _gif(image, data, quality, meta)
     if name in ("AVIF", "HEIF"):
-        return _lossy_modern(image, name, quality, meta)
+        return _lossy_modern(image, name, quality, meta), False
+    if name == "BMP" and "A" in image.getbands():
+        # Pillow writes alpha into 32-bit BMP without the bit masks that say it is alpha, so
+        # every reader, Pillow included, would show the image opaque.
+        return data, True
     if name in ("TIFF", "BMP"):
-        return _lossless_raster(image, name, meta)
-    return _ico(image)
-
-
-# JPEG: mozjpeg (the libjpeg in pyvips-binary's libvips) with quantisation table 5 (Klein,
-# Silverstein and Carney), progressive scans and optimised Huffman tables, 4:2:0 at every quality
-# as Pillow does. Against Pillow's optimize+progressive at an equal SSIMULACRA2 score on four
-# photos at quality 60-95 this measured 0.94x the bytes at about 1.2-1.3x the time; jpegli alone
-# was 0.98x (0.8x time), jpegli with mozjpeg's lossless scan optimisation 0.91x (2.6x time) and
-# mozjpeg with trellis quantisation and every other option 0.95x (5-6x time): trellis and table 3
-# cut bytes at the same number but cut the score about as much. Greyscale stays greyscale and
-# CMYK stays Adobe CMYK, inverted as Pillow writes and reads it.
-def _jpeg(image: Image.Image, quality: int, meta: Metadata) -> bytes:
-    if image.mode not in ("L", "RGB", "CMYK"):
-        image = image.convert("RGB")
-    bands = len(image.getbands())
-    pixels = pyvips.Image.new_from_memory(
-        image.tobytes(), image.width, image.height, bands, "uchar"
-    )
-    if image.mode == "CMYK":
-        pixels = pixels.copy(interpretation="cmyk")
-    encoded: bytes = pixels.jpegsave_buffer(
-        Q=_mozjpeg_quality(quality),
-        keep="none",
-        optimize_coding=True,
-        interlace=True,
-        quant_table=5,
-        subsample_mode="on",
-    )
-    return _with_jpeg_markers(encoded, meta, adobe=image.mode == "CMYK")
-
-
-def _mozjpeg_quality(quality: int) -> int:
-    """Pillow's number, lowered where table 5 still scores as well: by 3 up to 77, 2 at 78-82,
-    1 at 83-87 and not from 88.
-
-    Measured on four photos at 30 to 98: SSIMULACRA2 mean +0.14 against Pillow's at the same
-    number (lowest -1.2, at 98, where the number is used as it is), at 0.92x its bytes.
-    """
-    return max(1, quality - min(3, max(0, round((90 - quality) / 5))))
-
-
-def _with_jpeg_markers(jpeg: bytes, meta: Metadata, *, adobe: bool) -> bytes:
-    """Insert metadata segments right after SOI and the encoder's own APP0/APP14."""
-    segments: list[bytes] = []
-    if meta.exif:
-        segments.append(_segment(0xE1, b"Exif\x00\x00" + meta.exif))
-    if meta.xmp:
-        segments.append(_segment(0xE1, b"http://ns.adobe.com/xap/1.0/\x00" + meta.xmp))
-    if meta.icc:
-        chunk = 65519
-        parts = [meta.icc[i : i + chunk] for i in range(0, len(meta.icc), chunk)]
-        for index, part in enumerate(parts, start=1):
-            segments.append(_segment(0xE2, b"ICC_PROFILE\x00" + bytes([index, len(parts)]) + part))
-    if meta.comment:
-        segments.append(_segment(0xFE, meta.comment[:65533]))
-    position = 2
-    kept = {0xE0, 0xEE} if adobe else {0xE0}
-    while jpeg[position] == 0xFF and jpeg[position + 1] in kept:
-        length = struct.unpack(">H", jpeg[position + 2 : position + 4])[0]
-        position += 2 + length
-    return jpeg[:position] + b"".join(segments) + jpeg[position:]
-
-
-def _segment(marker: int, payload: bytes) -> bytes:
-    return bytes([0xFF, marker]) + struct.pack(">H", len(payload) + 2) + payload
+        return _lossless_raster(image, name, meta), True
+    return _ico(image), True
 
 
 # PNG: at 100, oxipng optimises losslessly on the original bytes, so bit depth, palette, APNG
@@ -261,9 +193,10 @@ def _segment(marker: int, payload: bytes) -> bytes:
 # and oxipng packs it; only when that floor cannot be met is the lossless path run instead,
 # because running both (to keep the smaller) cost the lossless pass on every image.
 # APNG is always lossless. ``compress`` returns the input itself when neither is smaller.
-def _png(image: Image.Image, data: bytes, quality: int, meta: Metadata) -> bytes:
-    if quality >= 100 or _frame_count(image) > 1:
-        return _png_lossless(data, meta)
+def _png(image: Image.Image, data: bytes, quality: int, meta: Metadata) -> tuple[bytes, bool]:
+    # An APNG of one frame is still an animation (its frame control gives it a duration).
+    if quality >= 100 or getattr(image, "custom_mimetype", None) == "image/apng":
+        return _png_lossless(data, meta), True
     try:
         quantized = imagequant.quantize_pil_image(
             image.convert("RGBA"),
@@ -273,10 +206,10 @@ def _png(image: Image.Image, data: bytes, quality: int, meta: Metadata) -> bytes
             max_quality=min(100, quality + 10),
         )
     except RuntimeError:
-        return _png_lossless(data, meta)
+        return _png_lossless(data, meta), True
     out = io.BytesIO()
     quantized.save(out, "PNG", pnginfo=_png_text(image, meta), icc_profile=meta.icc, exif=meta.exif)
-    return _oxipng(out.getvalue())
+    return _oxipng(out.getvalue()), False
 
 
 def _png_lossless(data: bytes, meta: Metadata) -> bytes:
@@ -314,6 +247,11 @@ def _iter_png_chunks(data: bytes) -> Iterator[tuple[bytes, bytes]]:
             return
 
 
+def _png_with_fresh_crcs(png: bytes) -> bytes:
+    chunks = (_png_chunk(kind, chunk[8:-4]) for kind, chunk in _iter_png_chunks(png))
+    return PNG_SIGNATURE + b"".join(chunks)
+
+
 def _png_chunk(kind: bytes, payload: bytes) -> bytes:
     crc = zlib.crc32(kind + payload) & 0xFFFFFFFF
     return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", crc)
@@ -331,7 +269,7 @@ def _png_text(image: Image.Image, meta: Metadata) -> PngImagePlugin.PngInfo | No
 # WebP: lossy input is re-encoded lossy at ``quality`` with the slowest, best method. Lossless
 # input stays lossless at 100 and below it follows the quality like any lossy WebP. Animations
 # keep every frame, its duration and the loop count; frames may mix lossy and lossless.
-def _webp(image: Image.Image, data: bytes, quality: int, meta: Metadata) -> bytes:
+def _webp(image: Image.Image, data: bytes, quality: int, meta: Metadata) -> tuple[bytes, bool]:
     lossless = quality >= 100 and _webp_is_lossless(data)
     frames, durations = _frames(image)
     out = io.BytesIO()
@@ -344,13 +282,15 @@ def _webp(image: Image.Image, data: bytes, quality: int, meta: Metadata) -> byte
         loop=image.info.get("loop", 0),
         lossless=lossless,
         # Lossless effort 75 at method 4 is within 5% of the exhaustive 100 at method 6 and
-        # 30 times faster; lossy method 6 costs twice method 4 for 5% fewer bytes.
+        # 30 times faster; lossy method 6 costs twice method 4 for 5% fewer bytes on a still,
+        # but on an animation (42 frames of 245x245 in Pillow's iss634.webp) 7-11 times the
+        # time of method 4 (12-20 s against 1.8 s) for 7% fewer bytes.
         quality=75 if lossless else quality,
-        method=4 if lossless else 6,
+        method=4 if lossless or len(frames) > 1 else 6,
         allow_mixed=len(frames) > 1 and not lossless,
         **_pillow_metadata(meta),
     )
-    return out.getvalue()
+    return out.getvalue(), lossless
 
 
 def _webp_is_lossless(data: bytes) -> bool:
@@ -385,7 +325,7 @@ def _frames(image: Image.Image) -> tuple[list[Image.Image], list[int]]:
 # GIF: every frame, duration, disposal and the loop count are kept. At 100 the colours are
 # kept and Pillow's optimiser only crops frames to what changes; below 100 each frame gets a
 # smaller palette, 256 colours scaled by quality (at least 16), which LZW then packs tighter.
-def _gif(image: Image.Image, quality: int, meta: Metadata) -> bytes:
+def _gif(image: Image.Image, data: bytes, quality: int, meta: Metadata) -> tuple[bytes, bool]:
     frames: list[Image.Image] = []
     durations: list[int] = []
     disposals: list[int] = []
@@ -395,9 +335,17 @@ def _gif(image: Image.Image, quality: int, meta: Metadata) -> bytes:
         durations.append(int(frame.info.get("duration", 0)))
         disposals.append(int(getattr(frame, "disposal_method", 0)))
         current = frame.copy()
+        if frames and current.size != frames[0].size:
+            # A frame that outgrows the logical screen (Pillow then grows the image) cannot
+            # be written back as it was shown.
+            return data, True
         if colours < 256:
-            current = current.convert("RGBA").quantize(
-                colors=colours, method=Image.Quantize.FASTOCTREE
+            # Back to RGBA, so that Pillow's GIF writer picks the transparent index as it does
+            # for the input's own frames; a quantised palette image alone loses transparency.
+            current = (
+                current.convert("RGBA")
+                .quantize(colors=colours, method=Image.Quantize.FASTOCTREE)
+                .convert("RGBA")
             )
         frames.append(current)
     out = io.BytesIO()
@@ -418,7 +366,8 @@ def _gif(image: Image.Image, quality: int, meta: Metadata) -> bytes:
         optimize=True,
         **extra,
     )
-    return out.getvalue()
+    # Even with every colour kept, the frames are written anew from what Pillow composited.
+    return out.getvalue(), False
 
 
 # AVIF and HEIC: lossy at ``quality``, as their encoders define it; animations (AVIF) keep

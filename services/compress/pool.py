@@ -38,13 +38,24 @@ class CodecPool:
         )
 
     async def compress(
-        self, data: bytes, *, quality: int, strip_metadata: bool, limits: Limits
+        self,
+        data: bytes,
+        *,
+        quality: int,
+        strip_metadata: bool,
+        keep_location: bool,
+        limits: Limits,
     ) -> Compressed:
         loop = asyncio.get_running_loop()
         executor = self._executor
         try:
             job = partial(
-                compress, data, quality=quality, strip_metadata=strip_metadata, limits=limits
+                compress,
+                data,
+                quality=quality,
+                strip_metadata=strip_metadata,
+                keep_location=keep_location,
+                limits=limits,
             )
             return await loop.run_in_executor(executor, job)
         except BrokenProcessPool as exc:
@@ -52,6 +63,10 @@ class CodecPool:
                 executor.shutdown(wait=False, cancel_futures=True)
                 self._executor = self._new_executor()
             raise InvalidInput("The image could not be decoded.") from exc
+
+    def worker_pids(self) -> list[int]:
+        """The worker processes' ids, to tell a replaced worker and to read their memory."""
+        return sorted(self._executor._processes)
 
     def alive(self) -> bool:
         """Whether the pool can take work (a broken pool is replaced on its next use)."""

@@ -9,12 +9,24 @@ from functools import cache
 from pathlib import Path
 
 import numpy as np
+import pyvips
 import skimage
-from PIL import Image, ImageCms, ImageDraw
+from PIL import Image, ImageCms, ImageDraw, PngImagePlugin
 
 DATA = Path(skimage.__file__).parent / "data"
 MAKE_TAG = 0x010F
 ORIENTATION_TAG = 0x0112
+GPS_IFD_TAG = 0x8825
+# Where a phone would say the picture was taken: in EXIF's GPS directory and again in XMP.
+GPS = {1: "N", 2: (52.0, 22.0, 30.5), 3: "E", 4: (4.0, 53.0, 12.25)}
+XMP_WITH_LOCATION = (
+    b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF '
+    b'xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+    b'<rdf:Description xmlns:exif="http://ns.adobe.com/exif/1.0/" '
+    b'xmlns:xmp="http://ns.adobe.com/xap/1.0/" xmp:CreatorTool="HermesCam" '
+    b'exif:GPSLatitude="52,22.508N" exif:GPSLongitude="4,53.204E">'
+    b"<exif:GPSAltitude>3/1</exif:GPSAltitude></rdf:Description></rdf:RDF></x:xmpmeta>"
+)
 
 
 def photo(name: str = "astronaut.png") -> Image.Image:
@@ -27,11 +39,35 @@ def srgb_profile() -> bytes:
     return bytes(profile.tobytes())
 
 
-def camera_exif(orientation: int = 6) -> Image.Exif:
+@cache
+def display_p3_profile() -> bytes:
+    """The Display P3 profile phones tag their photos with (libvips ships one)."""
+    image = pyvips.Image.black(1, 1, bands=3).copy(interpretation="srgb")
+    profile: bytes = image.icc_transform("p3", input_profile="srgb").get("icc-profile-data")
+    return profile
+
+
+def camera_exif(orientation: int = 6, *, location: bool = False) -> Image.Exif:
     exif = Image.Exif()
     exif[MAKE_TAG] = "HermesCam"
     exif[ORIENTATION_TAG] = orientation
+    if location:
+        exif.get_ifd(GPS_IFD_TAG).update(GPS)
     return exif
+
+
+def camera_jpeg(name: str, quality: int, subsampling: str, orientation: int) -> bytes:
+    """A photo as a camera saves it: a JPEG at ``quality``, with an ICC profile, EXIF
+    (orientation, make, GPS) and XMP (location again)."""
+    return encode(
+        photo(name),
+        "JPEG",
+        quality=quality,
+        subsampling=subsampling,
+        icc_profile=srgb_profile(),
+        exif=camera_exif(orientation, location=True),
+        xmp=XMP_WITH_LOCATION,
+    )
 
 
 def encode(image: Image.Image, fmt: str, **options: object) -> bytes:
@@ -107,6 +143,24 @@ def samples() -> dict[str, bytes]:
         "lossless.webp": encode(screenshot(), "WEBP", lossless=True),
         "photo.avif": encode(astronaut, "AVIF", quality=95),
         "photo.heic": encode(astronaut, "HEIF", quality=95, exif=camera_exif().tobytes()),
+        "camera-q90-422.jpg": camera_jpeg("chelsea.png", 90, "4:2:2", orientation=6),
+        "camera-q95-444.jpg": camera_jpeg("coffee.png", 95, "4:4:4", orientation=8),
+        "located.png": encode(
+            small,
+            "PNG",
+            exif=camera_exif(location=True),
+            pnginfo=_xmp_text(),
+        ),
+        "located.webp": encode(
+            small, "WEBP", quality=80, exif=camera_exif(location=True), xmp=XMP_WITH_LOCATION
+        ),
+        "phone.heic": encode(
+            photo("motorcycle_left.png").resize((480, 320)),
+            "HEIF",
+            quality=90,
+            icc_profile=display_p3_profile(),
+            exif=camera_exif(1, location=True).tobytes(),
+        ),
         "photo.tiff": encode(astronaut, "TIFF", icc_profile=srgb_profile()),
         "pages.tiff": encode(multipage[0], "TIFF", save_all=True, append_images=multipage[1:]),
         "palette.bmp": encode(astronaut.quantize(64).convert("RGB"), "BMP"),
@@ -114,6 +168,12 @@ def samples() -> dict[str, bytes]:
             small, "ICO", sizes=[(16, 16), (32, 32), (256, 256)], bitmap_format="bmp"
         ),
     }
+
+
+def _xmp_text() -> PngImagePlugin.PngInfo:
+    info = PngImagePlugin.PngInfo()
+    info.add_itxt("XML:com.adobe.xmp", XMP_WITH_LOCATION.decode())
+    return info
 
 
 def png_header_only(width: int, height: int) -> bytes:
