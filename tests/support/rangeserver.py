@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 from urllib.parse import quote, unquote, urlsplit
 
 _CHUNK = 16 * 1024
@@ -96,13 +96,21 @@ def _parse_range(header: str | None) -> tuple[int | None, int | None, int | None
     return None, None, None
 
 
-class _Server(ThreadingHTTPServer):
+class RecordingServer(ThreadingHTTPServer):
+    """A threaded HTTP server on a free loopback port serving ``root``, with what its handler
+    records: every request, injected faults, open connections, the throttle policy."""
+
     daemon_threads = True
     # Parallel downloaders open several connections at once.
     request_queue_size = 64
 
-    def __init__(self, root: Path, throttle: ThrottlePolicy | None) -> None:
-        super().__init__(("127.0.0.1", 0), _Handler)
+    def __init__(
+        self,
+        root: Path,
+        handler: type[BaseHTTPRequestHandler],
+        throttle: ThrottlePolicy | None = None,
+    ) -> None:
+        super().__init__(("127.0.0.1", 0), handler)
         self.root = root.resolve()
         self.throttle = throttle
         self.lock = threading.Lock()
@@ -120,7 +128,7 @@ class _Server(ThreadingHTTPServer):
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
-    server: _Server
+    server: RecordingServer
 
     def setup(self) -> None:
         self.request.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SEND_BUFFER)
@@ -244,16 +252,16 @@ class _Handler(BaseHTTPRequestHandler):
                         raise ConnectionAbortedError("server stopping")
 
 
-class RangeServer:
-    """Serve ``root`` on 127.0.0.1 at a free port while used as a context manager."""
+class ServedDirectory:
+    """A ``RecordingServer`` run in a thread while used as a context manager, and what tests
+    read of it: its URLs, the requests it recorded and the body bytes it wrote."""
 
-    def __init__(self, root: Path, *, throttle: ThrottlePolicy | None = None) -> None:
-        self._server = _Server(root, throttle)
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, name="RangeServer", daemon=True
-        )
+    def __init__(self, server: RecordingServer, name: str, scheme: str = "http") -> None:
+        self._server = server
+        self._scheme = scheme
+        self._thread = threading.Thread(target=server.serve_forever, name=name, daemon=True)
 
-    def __enter__(self) -> RangeServer:
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 
@@ -280,8 +288,8 @@ class RangeServer:
 
     @property
     def base_url(self) -> str:
-        """``http://127.0.0.1:PORT``, without a trailing slash."""
-        return f"http://127.0.0.1:{self.port}"
+        """``http://127.0.0.1:PORT`` (or https), without a trailing slash."""
+        return f"{self._scheme}://127.0.0.1:{self.port}"
 
     def url(self, relpath: str) -> str:
         return f"{self.base_url}/{quote(relpath.lstrip('/'))}"
@@ -319,3 +327,10 @@ class RangeServer:
         """Answer the next ``count`` requests with ``status`` and an empty body."""
         with self._server.lock:
             self._server.faults.extend([status] * count)
+
+
+class RangeServer(ServedDirectory):
+    """Serve ``root`` on 127.0.0.1 at a free port while used as a context manager."""
+
+    def __init__(self, root: Path, *, throttle: ThrottlePolicy | None = None) -> None:
+        super().__init__(RecordingServer(root, _Handler, throttle), "RangeServer")

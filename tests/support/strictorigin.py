@@ -13,48 +13,29 @@ interface of ``RangeServer`` that tests use: ``base_url``, ``url``, ``requests``
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
-import socket
 import ssl
-import sys
-import threading
 import time
 from http import HTTPStatus
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from http.server import SimpleHTTPRequestHandler
 from pathlib import Path
-from types import TracebackType
 from typing import Any, BinaryIO
-from urllib.parse import quote, unquote, urlsplit
+from urllib.parse import unquote, urlsplit
 
-from tests.support.rangeserver import CONTENT_TYPES, RequestRecord, ThrottlePolicy, _parse_range
+from tests.support.rangeserver import (
+    CONTENT_TYPES,
+    RecordingServer,
+    RequestRecord,
+    ServedDirectory,
+    _parse_range,
+)
 
 _CHUNK = 16 * 1024
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    request_queue_size = 64
-
-    def __init__(self, root: Path) -> None:
-        super().__init__(("127.0.0.1", 0), _Handler)
-        self.root = root.resolve()
-        self.throttle: ThrottlePolicy | None = None
-        self.lock = threading.Lock()
-        self.stopping = threading.Event()
-        self.records: list[RequestRecord] = []
-        self.faults: list[int] = []
-        self.connections: set[socket.socket] = set()
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        if isinstance(sys.exc_info()[1], ConnectionError | TimeoutError):
-            return
-        super().handle_error(request, client_address)
-
-
 class _Handler(SimpleHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
-    server: _Server
+    server: RecordingServer
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._record: RequestRecord | None = None
@@ -179,73 +160,12 @@ class _Handler(SimpleHTTPRequestHandler):
             record.completed = True
 
 
-class StrictOrigin:
+class StrictOrigin(ServedDirectory):
     """Serve ``root`` on 127.0.0.1 at a free port while used as a context manager; over https
     when given a server-side ``tls`` context."""
 
     def __init__(self, root: Path, tls: ssl.SSLContext | None = None) -> None:
-        self._server = _Server(root)
-        self._scheme = "http"
+        server = RecordingServer(root, _Handler)
         if tls is not None:
-            self._server.socket = tls.wrap_socket(self._server.socket, server_side=True)
-            self._scheme = "https"
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, name="StrictOrigin", daemon=True
-        )
-
-    def __enter__(self) -> StrictOrigin:
-        self._thread.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self._server.stopping.set()
-        self._server.shutdown()
-        with self._server.lock:
-            connections = list(self._server.connections)
-        for connection in connections:
-            with contextlib.suppress(OSError):
-                connection.shutdown(socket.SHUT_RDWR)
-        self._server.server_close()
-        self._thread.join()
-
-    @property
-    def base_url(self) -> str:
-        return f"{self._scheme}://127.0.0.1:{self._server.server_address[1]}"
-
-    def url(self, relpath: str) -> str:
-        return f"{self.base_url}/{quote(relpath.lstrip('/'))}"
-
-    @property
-    def throttle(self) -> ThrottlePolicy | None:
-        return self._server.throttle
-
-    @throttle.setter
-    def throttle(self, policy: ThrottlePolicy | None) -> None:
-        self._server.throttle = policy
-
-    @property
-    def requests(self) -> list[RequestRecord]:
-        with self._server.lock:
-            return [dataclasses.replace(record) for record in self._server.records]
-
-    def bytes_sent(self, path: str | None = None) -> int:
-        """Body bytes handed to the socket so far, for all requests or those for ``path``."""
-        with self._server.lock:
-            return sum(
-                record.bytes_sent
-                for record in self._server.records
-                if path is None or record.path == path.lstrip("/")
-            )
-
-    def reset(self) -> None:
-        with self._server.lock:
-            self._server.records.clear()
-
-    def fail_next(self, status: int, count: int = 1) -> None:
-        with self._server.lock:
-            self._server.faults.extend([status] * count)
+            server.socket = tls.wrap_socket(server.socket, server_side=True)
+        super().__init__(server, "StrictOrigin", "http" if tls is None else "https")
