@@ -46,7 +46,7 @@ from services.clip.delivery import (
     webhook_client,
     webhook_sender,
 )
-from services.clip.errors import ClipFailed
+from services.clip.errors import ClipFailed, ResultNotStored
 from services.clip.fetch.gate import ExtractionCache, RedisCooldown, SourceGate
 from services.clip.jobs import (
     Cancelled,
@@ -97,11 +97,6 @@ SWEEP_MAX_SECONDS = 30.0
 
 class QueueUnavailable(Unavailable):
     code = "queue_unavailable"
-
-
-class ResultNotStored(ClipFailed):
-    code = "storage_unavailable"
-    transient = True
 
 
 class StoredJob(BaseModel):

@@ -71,3 +71,8 @@ class DiskLimitExceeded(ClipFailed):
 
 class SourceRefused(ClipFailed):
     code = "source_refused"
+
+
+class ResultNotStored(ClipFailed):
+    code = "storage_unavailable"
+    transient = True

@@ -126,12 +126,14 @@ class RecordingServer(ThreadingHTTPServer):
         super().handle_error(request, client_address)
 
 
-class _Handler(BaseHTTPRequestHandler):
+class TrackedHandler(BaseHTTPRequestHandler):
+    """An HTTP/1.1 handler whose open connection its ``RecordingServer`` knows, so stopping
+    the server can end idle keep-alive and slow connections; it logs nothing."""
+
     protocol_version = "HTTP/1.1"
     server: RecordingServer
 
     def setup(self) -> None:
-        self.request.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SEND_BUFFER)
         with self.server.lock:
             self.server.connections.add(self.request)
         super().setup()
@@ -145,6 +147,12 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         # Request logs would drown pytest output.
         pass
+
+
+class _Handler(TrackedHandler):
+    def setup(self) -> None:
+        self.request.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SEND_BUFFER)
+        super().setup()
 
     def do_GET(self) -> None:
         self._serve(body=True)

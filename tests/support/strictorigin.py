@@ -12,7 +12,6 @@ interface of ``RangeServer`` that tests use: ``base_url``, ``url``, ``requests``
 
 from __future__ import annotations
 
-import contextlib
 import os
 import ssl
 import time
@@ -27,34 +26,18 @@ from tests.support.rangeserver import (
     RecordingServer,
     RequestRecord,
     ServedDirectory,
+    TrackedHandler,
     _parse_range,
 )
 
 _CHUNK = 16 * 1024
 
 
-class _Handler(SimpleHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server: RecordingServer
-
+class _Handler(TrackedHandler, SimpleHTTPRequestHandler):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._record: RequestRecord | None = None
         self._span: tuple[int, int] | None = None
         super().__init__(*args, directory=str(args[2].root), **kwargs)
-
-    def setup(self) -> None:
-        with self.server.lock:
-            self.server.connections.add(self.request)
-        super().setup()
-
-    def finish(self) -> None:
-        with self.server.lock:
-            self.server.connections.discard(self.request)
-        with contextlib.suppress(ConnectionError):
-            super().finish()
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
 
     def send_head(self) -> BinaryIO | None:
         """The stock handler, plus one byte range and the recording of the request."""
