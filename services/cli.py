@@ -24,10 +24,11 @@ from pydantic_settings import BaseSettings
 
 from services.clip.app import create_app as create_clip_app
 from services.clip.canary import CANARY_SECONDS, CANARY_START, CanaryResult, run_canary
-from services.clip.distributed import run_worker
 from services.clip.fetch.gate import SourceGate
 from services.clip.fetch.source import extractor_args
-from services.clip.jobs import ClipFacts, job_directory, new_job_id, run_job
+from services.clip.jobs.distributed import run_worker
+from services.clip.jobs.model import ClipFacts, new_job_id
+from services.clip.jobs.runner import job_directory, run_job
 from services.clip.request import ClipSpec, build_spec
 from services.clip.settings import ClipSettings
 from services.clip.toolchain import POT_PLUGIN, YT_DLP_VERSION, Check, youtube_toolchain

@@ -38,8 +38,8 @@ import httpx
 import pytest
 
 from services.clip import pipeline
-from services.clip.delivery import Outcome, Payload, WebhookSender, webhook_client
 from services.clip.errors import SourceRefused, SourceUnreachable
+from services.clip.jobs.delivery import Outcome, Payload, WebhookSender, webhook_client
 from services.clip.pipeline import _check_address
 from services.clip.request import InvalidUrl, parse_source
 from services.clip.settings import ClipSettings

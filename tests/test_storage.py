@@ -23,11 +23,11 @@ import pytest
 from standardwebhooks.webhooks import Webhook
 
 from services.clip.app import create_app
-from services.clip.distributed import Store, StoredJob, redis_connection
 from services.clip.errors import OutputTooLarge
-from services.clip.jobs import ClipFacts, JobStatus, WebhookState, queued_view
+from services.clip.jobs.distributed import Store, StoredJob, redis_connection
+from services.clip.jobs.model import ClipFacts, JobStatus, WebhookState, queued_view
+from services.clip.jobs.storage import RedisStore, S3Store
 from services.clip.settings import ClipSettings
-from services.clip.storage import RedisStore, S3Store
 from services.common.ouro import OuroHeaders
 from tests.conftest import Media
 from tests.support.apps import client

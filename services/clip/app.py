@@ -20,19 +20,15 @@ from pydantic import BaseModel, Field
 
 from services.clip import canary
 from services.clip.canary import CanaryResult
-from services.clip.delivery import WebhookSender, webhook_client, webhook_sender
-from services.clip.distributed import ArqQueue
 from services.clip.ffmpeg import ffmpeg_exe
-from services.clip.jobs import (
-    ClipFacts,
-    ClipQueue,
-    EmbeddedQueue,
-    JobView,
-    remove_stale_directories,
-)
+from services.clip.jobs.delivery import WebhookSender, webhook_client, webhook_sender
+from services.clip.jobs.distributed import ArqQueue
+from services.clip.jobs.embedded import EmbeddedQueue
+from services.clip.jobs.model import ClipFacts, ClipQueue, JobView
+from services.clip.jobs.runner import remove_stale_directories
+from services.clip.jobs.storage import ResultStore, content_disposition, open_store
 from services.clip.request import build_spec
 from services.clip.settings import ClipSettings
-from services.clip.storage import ResultStore, content_disposition, open_store
 from services.clip.toolchain import ToolchainStatus
 from services.common.asgi import create_base_app
 from services.common.errors import ErrorDetail, NotFound, error_responses

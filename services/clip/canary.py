@@ -18,7 +18,8 @@ from collections.abc import Callable
 from pydantic import BaseModel, Field
 
 from services.clip.fetch.gate import SourceGate
-from services.clip.jobs import job_directory, new_job_id, run_job
+from services.clip.jobs.model import new_job_id
+from services.clip.jobs.runner import job_directory, run_job
 from services.clip.request import build_spec
 from services.clip.settings import ClipSettings
 from services.common.errors import HermesError

@@ -30,8 +30,8 @@ from typing import Any
 
 import httpx
 
+from services.clip.jobs.storage import StorageUnavailable
 from services.clip.settings import ClipSettings
-from services.clip.storage import StorageUnavailable
 from services.common.errors import AddressRefused, FetchFailed, HermesError
 from services.common.http import GuardedClient, check_url
 

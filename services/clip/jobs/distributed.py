@@ -39,16 +39,16 @@ from redis.exceptions import RedisError
 
 from services.clip import canary
 from services.clip.canary import CanaryResult
-from services.clip.delivery import (
+from services.clip.errors import ClipFailed, ResultNotStored
+from services.clip.fetch.gate import ExtractionCache, RedisCooldown, SourceGate
+from services.clip.jobs.delivery import (
     Outcome,
     Payload,
     WebhookSender,
     webhook_client,
     webhook_sender,
 )
-from services.clip.errors import ClipFailed, ResultNotStored
-from services.clip.fetch.gate import ExtractionCache, RedisCooldown, SourceGate
-from services.clip.jobs import (
+from services.clip.jobs.model import (
     Cancelled,
     JobFile,
     JobNotReady,
@@ -56,17 +56,15 @@ from services.clip.jobs import (
     JobView,
     QueueFull,
     WebhookState,
-    job_directory,
     queued_view,
-    remove_stale_directories,
-    run_job,
     stored_file,
     success_payload,
     webhook_body,
 )
+from services.clip.jobs.runner import job_directory, remove_stale_directories, run_job
+from services.clip.jobs.storage import ResultStore, StorageUnavailable, open_store, result_lifetime
 from services.clip.request import ClipSpec, SourceUrl
 from services.clip.settings import ClipSettings
-from services.clip.storage import ResultStore, StorageUnavailable, open_store, result_lifetime
 from services.clip.toolchain import YT_DLP_VERSION, Check, ToolchainStatus
 from services.common import observability
 from services.common.errors import ErrorDetail, HermesError, Unavailable
