@@ -226,7 +226,15 @@ async def _succeeded_job(
         job_view.webhook = WebhookState.pending
     redis = redis_connection(settings)
     store = Store(redis, settings)
-    await store.save(StoredJob(view=job_view, spec={}, ouro=ouro, webhook_started_at=time.time()))
+    await store.save(
+        StoredJob(
+            view=job_view,
+            spec={},
+            ouro=ouro,
+            caller="address:127.0.0.1",
+            webhook_started_at=time.time(),
+        )
+    )
     if ouro.webhook_url:
         await store.enqueue("deliver_webhook", job_view.job_id, f"{job_view.job_id}:webhook")
     await redis.aclose()

@@ -178,6 +178,13 @@ async def _refresh_metrics(app: FastAPI) -> None:
             app.state.webhooks_gauge.labels(outcome.value).set(count)
 
 
+def caller_of(ouro: OuroHeaders, request: Request) -> str:
+    """Whose fair share a job counts against: the Ouro user, else the client's address."""
+    if ouro.user_id:
+        return f"user:{ouro.user_id}"
+    return f"address:{request.client.host if request.client else 'unknown'}"
+
+
 def create_app(settings: ClipSettings | None = None) -> FastAPI:
     settings = settings or ClipSettings()
     app = create_base_app(
@@ -235,7 +242,7 @@ def create_app(settings: ClipSettings | None = None) -> FastAPI:
                     "Location": {"description": "/jobs/{job_id}", "schema": {"type": "string"}}
                 }
             },
-            **error_responses(400, 401, 422, 503),
+            **error_responses(400, 401, 422, 429, 503),
         },
         callbacks=webhooks.routes,
         openapi_extra={
@@ -269,7 +276,7 @@ def create_app(settings: ClipSettings | None = None) -> FastAPI:
         key = f"action:{ouro.action_id}" if ouro.action_id else None
         if key is None and idempotency_key:
             key = f"key:{idempotency_key}"
-        view = await queue(request).submit(spec, ouro, key)
+        view = await queue(request).submit(spec, ouro, key, caller_of(ouro, request))
         return JSONResponse(
             Accepted(job_id=view.job_id).model_dump(),
             status_code=202,

@@ -45,6 +45,32 @@ class ClipSettings(CommonSettings):
     clip_max_queued: int = Field(
         default=100, ge=1, description="Jobs waiting or running before new ones get 503."
     )
+    clip_max_running_per_caller: int = Field(
+        default=2,
+        ge=1,
+        description=(
+            "Jobs of one caller (Ouro's `ouro-user-id`, else the client address) run at once; "
+            "the caller's further jobs wait while other callers' jobs go first."
+        ),
+    )
+    clip_max_queued_per_caller: int = Field(
+        default=10,
+        ge=1,
+        description=(
+            "Jobs of one caller waiting or running; past it, new ones get 429 too_many_jobs "
+            "with a Retry-After."
+        ),
+    )
+    clip_deadline_seconds: float = Field(
+        default=2400.0,
+        gt=0,
+        description=(
+            "End-to-end deadline from a job's acceptance: its runs, retries and webhook "
+            "deliveries all end within it (shorter than the 45 minutes after which Ouro "
+            "refuses a late result). A job that cannot start in time fails with "
+            "deadline_exceeded."
+        ),
+    )
     clip_job_timeout_seconds: float = Field(
         default=600.0, gt=0, description="Time a job may run before it fails with job_timeout."
     )

@@ -7,6 +7,7 @@ Every error a client can see has a stable ``code`` and a one-line ``message``; O
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any, ClassVar
 
 from fastapi import FastAPI, Request
@@ -50,6 +51,10 @@ class HermesError(Exception):
             detail=self.message, error=ErrorDetail(code=self.code, message=self.message)
         )
 
+    def headers(self) -> dict[str, str]:
+        """Response headers the error carries besides its body."""
+        return {}
+
 
 class InvalidInput(HermesError):
     status_code = 422
@@ -92,9 +97,25 @@ class Unavailable(HermesError):
     code = "unavailable"
 
 
-def _response(status_code: int, code: str, message: str) -> JSONResponse:
+class TooManyRequests(HermesError):
+    """Refused for now; ``retry_after`` seconds is when asking again may succeed."""
+
+    status_code = 429
+    code = "too_many_requests"
+
+    def __init__(self, message: str, retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after = max(1, math.ceil(retry_after))
+
+    def headers(self) -> dict[str, str]:
+        return {"retry-after": str(self.retry_after)}
+
+
+def _response(
+    status_code: int, code: str, message: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
     body = ErrorBody(detail=message, error=ErrorDetail(code=code, message=message))
-    return JSONResponse(body.model_dump(), status_code=status_code)
+    return JSONResponse(body.model_dump(), status_code=status_code, headers=headers)
 
 
 def _one_line(exc: RequestValidationError) -> str:
@@ -108,7 +129,7 @@ def _one_line(exc: RequestValidationError) -> str:
 
 
 def error_response(exc: HermesError) -> JSONResponse:
-    return _response(exc.status_code, exc.code, exc.message)
+    return _response(exc.status_code, exc.code, exc.message, exc.headers())
 
 
 async def _hermes_error(_: Request, exc: Exception) -> JSONResponse:

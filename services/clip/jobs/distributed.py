@@ -103,6 +103,7 @@ class StoredJob(BaseModel):
     view: JobView
     spec: dict[str, Any]
     ouro: OuroHeaders
+    caller: str
     webhook_started_at: float | None = None
 
     def clip_spec(self) -> ClipSpec:
@@ -229,19 +230,23 @@ class ArqQueue:
         redis = redis_connection(settings)
         return cls(Store(redis, settings), open_store(settings, redis))
 
-    async def submit(self, spec: ClipSpec, ouro: OuroHeaders, key: str | None) -> JobView:
+    async def submit(
+        self, spec: ClipSpec, ouro: OuroHeaders, key: str | None, caller: str
+    ) -> JobView:
         try:
-            return await self._submit(spec, ouro, key)
+            return await self._submit(spec, ouro, key, caller)
         except (RedisError, OSError) as exc:
             raise QueueUnavailable(REDIS_DOWN) from exc
 
-    async def _submit(self, spec: ClipSpec, ouro: OuroHeaders, key: str | None) -> JobView:
+    async def _submit(
+        self, spec: ClipSpec, ouro: OuroHeaders, key: str | None, caller: str
+    ) -> JobView:
         store = self.store
         queued = await store.queued()
         if queued >= store.settings.clip_max_queued:
             raise QueueFull(f"{queued} clip jobs are already waiting; try again soon.")
         view = queued_view()
-        job = StoredJob(view=view, spec=asdict(spec), ouro=ouro)
+        job = StoredJob(view=view, spec=asdict(spec), ouro=ouro, caller=caller)
         # The record exists before the key is claimed, so a losing duplicate can read it.
         await store.save(job)
         if key is not None and (first := await store.claim(key, view.job_id)) is not None:

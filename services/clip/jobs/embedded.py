@@ -42,6 +42,7 @@ class _Job:
     view: JobView
     spec: ClipSpec
     ouro: OuroHeaders
+    caller: str
     task: asyncio.Task[None] | None = None
     delivery: asyncio.Task[None] | None = None
 
@@ -62,7 +63,9 @@ class EmbeddedQueue:
         self._slots = asyncio.Semaphore(self.settings.clip_concurrency)
         self.gate = SourceGate.local(self.settings)
 
-    async def submit(self, spec: ClipSpec, ouro: OuroHeaders, key: str | None) -> JobView:
+    async def submit(
+        self, spec: ClipSpec, ouro: OuroHeaders, key: str | None, caller: str
+    ) -> JobView:
         await self._expire()
         if key is not None and (existing := self._keys.get(key)) in self._jobs:
             return self._jobs[existing].view
@@ -70,7 +73,7 @@ class EmbeddedQueue:
         if active >= self.settings.clip_max_queued:
             raise QueueFull(f"{active} clip jobs are already waiting or running; try again soon.")
         view = queued_view()
-        job = _Job(view=view, spec=spec, ouro=ouro)
+        job = _Job(view=view, spec=spec, ouro=ouro, caller=caller)
         self._jobs[view.job_id] = job
         if key is not None:
             self._keys[key] = view.job_id

@@ -21,7 +21,7 @@ from services.clip.jobs.storage import ResultStore
 from services.clip.pipeline import ClipResult
 from services.clip.request import ClipSpec, safe_filename
 from services.clip.settings import ClipSettings
-from services.common.errors import ErrorDetail, HermesError, Unavailable
+from services.common.errors import ErrorDetail, HermesError, TooManyRequests, Unavailable
 from services.common.ouro import OuroHeaders, WebhookBody
 
 
@@ -85,8 +85,16 @@ class Cancelled(ClipFailed):
     code = "cancelled"
 
 
+class DeadlineExceeded(ClipFailed):
+    code = "deadline_exceeded"
+
+
 class QueueFull(Unavailable):
     code = "queue_full"
+
+
+class TooManyJobs(TooManyRequests):
+    code = "too_many_jobs"
 
 
 class JobNotReady(HermesError):
@@ -119,7 +127,11 @@ async def stored_file(
 
 
 class ClipQueue(Protocol):
-    async def submit(self, spec: ClipSpec, ouro: OuroHeaders, key: str | None) -> JobView: ...
+    async def submit(
+        self, spec: ClipSpec, ouro: OuroHeaders, key: str | None, caller: str
+    ) -> JobView:
+        """Accept a job of ``caller`` (whose fair share it counts against), or raise."""
+        ...
 
     async def get(self, job_id: str) -> JobView | None: ...
 
