@@ -63,12 +63,12 @@ class ClipSettings(CommonSettings):
     )
     clip_deadline_seconds: float = Field(
         default=2400.0,
-        gt=0,
+        ge=600,
         description=(
             "End-to-end deadline from a job's acceptance: its runs, retries and webhook "
             "deliveries all end within it (shorter than the 45 minutes after which Ouro "
-            "refuses a late result). A job that cannot start in time fails with "
-            "deadline_exceeded."
+            "refuses a late result); its runs end 300 s before it, so the webhook can still go "
+            "out. A run cut short by it fails with deadline_exceeded."
         ),
     )
     clip_job_timeout_seconds: float = Field(

@@ -89,6 +89,21 @@ class DeadlineExceeded(ClipFailed):
     code = "deadline_exceeded"
 
 
+DEADLINE_PASSED = "The job could not be finished within its deadline; ask for it again."
+# The end of a job's deadline is kept for delivering its webhook: runs end this much before.
+DELIVERY_RESERVE_SECONDS = 300.0
+
+
+def runs_end_by(created_at: float, settings: ClipSettings) -> float:
+    """When a job's runs must have ended, so its webhook can still go out within the deadline."""
+    return created_at + settings.clip_deadline_seconds - DELIVERY_RESERVE_SECONDS
+
+
+def deliveries_end_by(created_at: float, settings: ClipSettings) -> float:
+    """When a job's webhook deliveries stop: its deadline."""
+    return created_at + settings.clip_deadline_seconds
+
+
 class QueueFull(Unavailable):
     code = "queue_full"
 

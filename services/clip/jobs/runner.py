@@ -6,11 +6,19 @@ import asyncio
 import contextlib
 import fcntl
 import shutil
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from services.clip.errors import ClipFailed
 from services.clip.fetch.gate import SourceGate
-from services.clip.jobs.model import ClipFacts, JobTimeout, facts_of
+from services.clip.jobs.model import (
+    DEADLINE_PASSED,
+    ClipFacts,
+    DeadlineExceeded,
+    JobTimeout,
+    facts_of,
+)
 from services.clip.jobs.ouro_log import RunLog
 from services.clip.pipeline import make_clip
 from services.clip.request import ClipSpec
@@ -59,12 +67,19 @@ async def run_job(
     report: Callable[[str, float], None],
     ouro: OuroHeaders,
     gate: SourceGate | None = None,
+    runs_end_by: float | None = None,
 ) -> tuple[ClipFacts, Path]:
     """One run of a clip job, within the job time limit; the MP4's facts and its path.
 
     Its steps also go to the run's log on Ouro when an API key is configured. ``gate`` is what
     the process's jobs share when asking the source (cool-down, extraction cache).
+    ``runs_end_by`` (a job's ``runs_end_by``) cuts the time limit short near the job's deadline.
     """
+    limit = settings.clip_job_timeout_seconds
+    if runs_end_by is not None:
+        if (remaining := runs_end_by - time.time()) <= 0:
+            raise DeadlineExceeded(DEADLINE_PASSED)
+        limit = min(limit, remaining)
     run_log = RunLog(settings, ouro)
 
     def step(stage: str, progress: float) -> None:
@@ -72,13 +87,15 @@ async def run_job(
         run_log.step(stage, progress)
 
     try:
-        async with asyncio.timeout(settings.clip_job_timeout_seconds):
+        async with asyncio.timeout(limit):
             result = await make_clip(spec, workdir, settings, step, gate)
         facts = facts_of(spec, result)
         run_log.note(f"Clip ready: {facts.clip_duration:.2f} s, {facts.bytes} bytes.")
         return facts, result.path
     except TimeoutError as exc:
-        error = JobTimeout(f"The job took longer than {settings.clip_job_timeout_seconds:g} s.")
+        error: ClipFailed = JobTimeout(f"The job took longer than {limit:g} s.")
+        if limit < settings.clip_job_timeout_seconds:
+            error = DeadlineExceeded(DEADLINE_PASSED)
         run_log.note(error.message, "error")
         raise error from exc
     except HermesError as exc:
