@@ -398,6 +398,7 @@ class Bench:
             extra_hosts=self.settings.clip_extra_source_hosts,
             max_seconds=self.settings.clip_max_seconds,
             max_name_length=self.settings.clip_name_max_length,
+            max_bytes=self.settings.clip_max_file_bytes,
         )
 
         def clip() -> None:

@@ -29,7 +29,7 @@ from services.clip.fetch.source import extractor_args
 from services.clip.jobs.distributed import run_worker
 from services.clip.jobs.model import ClipFacts, new_job_id
 from services.clip.jobs.runner import job_directory, run_job
-from services.clip.request import ClipSpec, build_spec
+from services.clip.request import ClipSpec, build_spec, byte_budget
 from services.clip.settings import ClipSettings
 from services.clip.toolchain import POT_PLUGIN, YT_DLP_VERSION, Check, youtube_toolchain
 from services.common.errors import HermesError, PayloadTooLarge
@@ -366,6 +366,7 @@ def _clip(args: argparse.Namespace) -> int:
             extra_hosts=settings.clip_extra_source_hosts,
             max_seconds=settings.clip_max_seconds,
             max_name_length=settings.clip_name_max_length,
+            max_bytes=byte_budget(settings, webhook=False),
         )
         try:
             facts, data = asyncio.run(make_clip(spec, settings, bar))

@@ -124,6 +124,7 @@ def clip_of(media: Media, relpath: str, start: str, end: str, work: Path) -> Cli
         extra_hosts=settings.clip_extra_source_hosts,
         max_seconds=settings.clip_max_seconds,
         max_name_length=settings.clip_name_max_length,
+        max_bytes=settings.clip_max_output_bytes,
     )
     work.mkdir(parents=True, exist_ok=True)
     return asyncio.run(make_clip(spec, work, settings, lambda stage, share: None))

@@ -118,6 +118,7 @@ def spec(start: str, end: str, name: str | None = None, max_seconds: float = 60)
         extra_hosts=frozenset(),
         max_seconds=max_seconds,
         max_name_length=20,
+        max_bytes=1 << 20,
     )
 
 

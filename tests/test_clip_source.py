@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import pytest
 from yt_dlp.networking.exceptions import HTTPError, TransportError
@@ -197,6 +198,10 @@ def fmt(vcodec: str, acodec: str, height: int | None, tbr: float) -> Format:
     )
 
 
+# A budget every format fits: the choice is by height and codec alone.
+ROOMY: dict[str, Any] = {"seconds": 10.0, "duration": 60.0, "max_bytes": 1 << 30}
+
+
 def test_select_prefers_h264_within_the_height_and_aac() -> None:
     formats = (
         fmt("vp9", "none", 2160, 9000),
@@ -208,11 +213,11 @@ def test_select_prefers_h264_within_the_height_and_aac() -> None:
         fmt("none", "mp4a.40.2", None, 128),
         fmt("avc1.42001E", "mp4a.40.2", 360, 600),
     )
-    chosen = select(formats, 1080)
+    chosen = select(formats, 1080, **ROOMY)
     assert chosen.video.vcodec == "avc1.640028"
     assert chosen.audio is not None
     assert chosen.audio.acodec == "mp4a.40.2"
-    assert select(formats, 720).video.height == 720
+    assert select(formats, 720, **ROOMY).video.height == 720
 
 
 def test_select_without_h264_takes_the_best_to_reencode() -> None:
@@ -221,7 +226,7 @@ def test_select_without_h264_takes_the_best_to_reencode() -> None:
         fmt("av01", "none", 720, 900),
         fmt("none", "opus", None, 160),
     )
-    chosen = select(formats, 1080)
+    chosen = select(formats, 1080, **ROOMY)
     assert chosen.video.vcodec == "vp9"
     assert chosen.audio is not None
     assert chosen.audio.acodec == "opus"

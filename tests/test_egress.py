@@ -128,6 +128,7 @@ def test_the_pipeline_fetches_only_through_the_proxy(
     spec = build_spec(
         youtube_url=media.url("s60.mp4"), start_time="1", end_time="2", name=None,
         extra_hosts=settings.clip_extra_source_hosts, max_seconds=60, max_name_length=10,
+        max_bytes=settings.clip_max_output_bytes,
     )  # fmt: skip
     media.server.reset()
     with pytest.raises(ClipFailed):

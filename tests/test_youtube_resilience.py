@@ -136,6 +136,7 @@ def test_the_cool_down_is_shared_through_redis(origin: SignedOrigin, tmp_path: P
     spec = build_spec(
         youtube_url=origin.page_url, start_time="1", end_time="2", name=None,
         extra_hosts=settings.clip_extra_source_hosts, max_seconds=60, max_name_length=100,
+        max_bytes=settings.clip_max_output_bytes,
     )  # fmt: skip
 
     async def both(url: str) -> list[str]:
@@ -174,6 +175,7 @@ def test_formats_are_fetched_once_available(media: Media, tmp_path: Path) -> Non
     spec = build_spec(
         youtube_url=url, start_time="1", end_time="2", name=None,
         extra_hosts=settings.clip_extra_source_hosts, max_seconds=60, max_name_length=100,
+        max_bytes=settings.clip_max_output_bytes,
     )  # fmt: skip
     stages: list[tuple[str, float]] = []
 

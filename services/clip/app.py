@@ -11,7 +11,7 @@ import logging
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, FastAPI, Header, Path, Request
 from fastapi.responses import JSONResponse, RedirectResponse, Response, StreamingResponse
@@ -27,7 +27,7 @@ from services.clip.jobs.embedded import EmbeddedQueue
 from services.clip.jobs.model import ClipFacts, ClipQueue, JobView
 from services.clip.jobs.runner import remove_stale_directories
 from services.clip.jobs.storage import ResultStore, content_disposition, open_store
-from services.clip.request import build_spec
+from services.clip.request import build_spec, byte_budget
 from services.clip.settings import ClipSettings
 from services.clip.toolchain import ToolchainStatus
 from services.common.asgi import create_base_app
@@ -52,6 +52,13 @@ class ClipRequest(BaseModel):
         default=None,
         max_length=1000,
         description="Optional name for the file asset. If not provided, uses the video title.",
+    )
+    max_height: Literal[144, 240, 360, 480, 720, 1080, 1440, 2160] | None = Field(
+        default=None,
+        description=(
+            "Optional: the tallest video wanted, in pixels. The service takes the tallest "
+            "format up to this and its own limit whose clip fits the size limit."
+        ),
     )
 
     model_config = {
@@ -263,6 +270,7 @@ def create_app(settings: ClipSettings | None = None) -> FastAPI:
             ),
         ] = None,
     ) -> JSONResponse:
+        ouro = OuroHeaders.from_request(request)
         spec = build_spec(
             youtube_url=body.youtube_url,
             start_time=body.start_time,
@@ -271,8 +279,10 @@ def create_app(settings: ClipSettings | None = None) -> FastAPI:
             extra_hosts=settings.clip_extra_source_hosts,
             max_seconds=settings.clip_max_seconds,
             max_name_length=settings.clip_name_max_length,
+            # The webhook carries the clip in its body; a direct caller reads it as a file.
+            max_bytes=byte_budget(settings, webhook=ouro.webhook_url is not None),
+            max_height=body.max_height,
         )
-        ouro = OuroHeaders.from_request(request)
         key = f"action:{ouro.action_id}" if ouro.action_id else None
         if key is None and idempotency_key:
             key = f"key:{idempotency_key}"

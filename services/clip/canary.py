@@ -20,7 +20,7 @@ from pydantic import BaseModel, Field
 from services.clip.fetch.gate import SourceGate
 from services.clip.jobs.model import new_job_id
 from services.clip.jobs.runner import job_directory, run_job
-from services.clip.request import build_spec
+from services.clip.request import build_spec, byte_budget
 from services.clip.settings import ClipSettings
 from services.common.errors import HermesError
 from services.common.ouro import OuroHeaders
@@ -81,6 +81,7 @@ async def run_canary(
             extra_hosts=settings.clip_extra_source_hosts,
             max_seconds=settings.clip_max_seconds,
             max_name_length=settings.clip_name_max_length,
+            max_bytes=byte_budget(settings, webhook=True),
         )
         with job_directory(settings.clip_work_dir, new_job_id()) as workdir:
             try:

@@ -92,12 +92,13 @@ async def file_facts(path: Path) -> MediaFacts:
 
 @dataclass(frozen=True)
 class Packet:
-    """One video packet: its decode and presentation times in seconds, and whether it is a
-    keyframe."""
+    """One video packet: its decode and presentation times in seconds, whether it is a
+    keyframe, and its size in bytes."""
 
     dts: float
     pts: float
     key: bool
+    size: int
 
 
 async def video_packets(path: Path, listing: Path, *, idr_only: bool = False) -> list[Packet]:
@@ -130,7 +131,14 @@ def _read_packets(listing: Path) -> list[Packet]:
         fields = [f.strip() for f in line.split(",")]
         if len(fields) >= 6 and fields[0] == "0" and fields[2].lstrip("-").isdigit():
             key = not any(f.startswith("F=") for f in fields)
-            packets.append(Packet(dts=int(fields[1]) * unit, pts=int(fields[2]) * unit, key=key))
+            packets.append(
+                Packet(
+                    dts=int(fields[1]) * unit,
+                    pts=int(fields[2]) * unit,
+                    key=key,
+                    size=int(fields[4]),
+                )
+            )
     return packets
 
 

@@ -1,7 +1,9 @@
 """Making one clip, as the steps it is: read the video's facts, fetch only its span, cut it.
 
 1. yt-dlp reads the facts and formats (``fetch.source``, through ``fetch.gate``'s cool-down
-   and cache); H.264 and AAC no taller than the limit are picked, once they are available.
+   and cache); the tallest H.264 and AAC no taller than the limits whose clip is expected to
+   fit the job's byte budget are picked, once they are available. When none fits, the job
+   fails here, before any media byte is fetched.
 2. One ffmpeg copies the span from the keyframe before ``start`` to ``end`` into a local file
    (``fetch.span``), through the egress proxy (``fetch.egress``). When the source stops
    serving the media URLs (expired, 403), they are extracted again once and the fetch rerun.
@@ -52,6 +54,9 @@ class ClipResult:
     width: int
     height: int
     cut: str
+    format_height: int | None
+    format_bitrate: int | None
+    reduced_to_fit: bool
 
 
 async def make_clip(
@@ -95,6 +100,7 @@ async def make_clip(
         fetched = await fetch(selection)
     duration = info.duration or fetched.source.duration
 
+    max_height = _max_height(spec, settings)
     # The span keeps the source's timestamps, which start at the source's own start time
     # (not always 0: HLS segments often start at 1.4 s); the clip's times are relative to it.
     output = workdir / CLIP_FILE
@@ -105,15 +111,16 @@ async def make_clip(
         workdir,
         output,
         settings,
+        max_height,
         lambda stage, share: report(stage, FETCH_SHARE + (1 - FETCH_SHARE) * share),
     )
     span.unlink()
 
     size = output.stat().st_size
-    if size > settings.clip_max_output_bytes:
+    if size > spec.max_bytes:
         raise OutputTooLarge(
-            f"The clip is {size} bytes, over the limit of {settings.clip_max_output_bytes}; "
-            "choose a shorter range."
+            f"The clip is {size} bytes, over the limit of {spec.max_bytes}; "
+            "choose a shorter range or a smaller max_height."
         )
     made = await ffmpeg.file_facts(output)
     report("done", 1.0)
@@ -128,7 +135,15 @@ async def make_clip(
         width=made.width or 0,
         height=made.height or 0,
         cut=how,
+        format_height=selection.video.height,
+        format_bitrate=round(selection.bitrate / 1000) if selection.bitrate else None,
+        reduced_to_fit=selection.reduced,
     )
+
+
+def _max_height(spec: ClipSpec, settings: ClipSettings) -> int:
+    """The tallest video the clip may have: the service's limit, or the caller's lower one."""
+    return min(settings.clip_max_height, spec.max_height or settings.clip_max_height)
 
 
 async def _check_address(url: str, settings: ClipSettings) -> None:
@@ -166,7 +181,13 @@ async def _read_source(
         )
     if info.duration is not None:
         spec.check_within(info.duration)
-    selection = select(info.formats, settings.clip_max_height)
+    selection = select(
+        info.formats,
+        _max_height(spec, settings),
+        seconds=spec.duration,
+        duration=info.duration,
+        max_bytes=spec.max_bytes,
+    )
     for chosen in (selection.video, selection.audio):
         if chosen is not None:
             await _check_address(chosen.url, settings)

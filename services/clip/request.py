@@ -1,4 +1,5 @@
-"""Checking a clip request before the 202: the source URL, the time range and the name.
+"""Checking a clip request before the 202: the source URL, the time range, the name, the
+tallest format the caller wants, and the byte budget of the clip.
 
 Nothing a caller sends reaches yt-dlp or ffmpeg as given: a YouTube link is rebuilt from its
 video id, times become numbers, and the name only ever becomes asset metadata.
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 from urllib.parse import parse_qs, urlsplit
 
 from services.clip.errors import RangeOutOfBounds
+from services.clip.settings import ClipSettings
 from services.common.errors import InvalidInput
 
 VIDEO_ID = re.compile(r"[A-Za-z0-9_-]{11}")
@@ -62,10 +64,16 @@ class SourceUrl:
 
 @dataclass(frozen=True)
 class ClipSpec:
+    """A checked request. Plain fields: the distributed queue keeps it as a dict."""
+
     source: SourceUrl
     start: float
     end: float
     name: str | None
+    # The largest MP4 the clip may be, decided when the job is accepted (``byte_budget``).
+    max_bytes: int
+    # The tallest format the caller asked for; the service's own limit applies too.
+    max_height: int | None = None
 
     @property
     def duration(self) -> float:
@@ -181,6 +189,8 @@ def build_spec(
     extra_hosts: frozenset[str],
     max_seconds: float,
     max_name_length: int,
+    max_bytes: int,
+    max_height: int | None = None,
 ) -> ClipSpec:
     source = parse_source(youtube_url, extra_hosts)
     start = parse_time(start_time, "start_time")
@@ -189,4 +199,22 @@ def build_spec(
         raise InvalidRange("end_time must be after start_time.")
     if end - start > max_seconds:
         raise ClipTooLong(f"The clip is {end - start:g} s long; the limit is {max_seconds:g} s.")
-    return ClipSpec(source=source, start=start, end=end, name=clean_name(name, max_name_length))
+    return ClipSpec(
+        source=source,
+        start=start,
+        end=end,
+        name=clean_name(name, max_name_length),
+        max_bytes=max_bytes,
+        max_height=max_height,
+    )
+
+
+def byte_budget(settings: ClipSettings, *, webhook: bool) -> int:
+    """The largest MP4 a clip may be: what one webhook body carries, or, for a direct caller
+    who reads it from /jobs/{id}/file, what the result store takes."""
+    budget = settings.clip_max_output_bytes if webhook else settings.clip_max_file_bytes
+    if settings.redis_url and settings.clip_storage_url is None:
+        # Distributed mode without object storage keeps results in Redis, up to its own cap.
+        cap = settings.clip_redis_result_max_bytes or settings.clip_max_output_bytes
+        budget = min(budget, cap)
+    return budget

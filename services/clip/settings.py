@@ -15,21 +15,44 @@ from services.common.settings import CommonSettings
 
 class ClipSettings(CommonSettings):
     clip_max_seconds: float = Field(
-        default=60.0,
+        default=600.0,
         gt=0,
         description=(
-            "Longest clip. The result travels base64-encoded in one webhook body: 60 s of "
-            "1080p H.264 at the 5 Mbit/s cap plus 128 kbit/s AAC is about 38 MB, 51 MB as "
-            "base64, under the output limit below."
+            "Longest clip. A clip for a webhook has the output limit below, 64 MiB: 895 "
+            "kbit/s over 600 s, 778 kbit/s after the format choice's 15% margin. YouTube's "
+            "H.264 at 144p (itag 160) runs at about 50 to 130 kbit/s, 240p (133) 110 to 280, "
+            "360p (134) 210 to 600, with AAC at 130 (140): 600 s fit at 360p for most videos "
+            "and at 144p or 240p for all. Longer spans fit at 144p (about 30 minutes), but "
+            "take longer than the job time limit allows on a slow source."
         ),
     )
     clip_max_height: int = Field(
-        default=1080, ge=144, description="Tallest video picked from the source, in pixels."
+        default=1080,
+        ge=144,
+        description=(
+            "Tallest video picked from the source, in pixels; a request's `max_height` may "
+            "ask for less."
+        ),
     )
     clip_max_output_bytes: int = Field(
         default=64 * 1024 * 1024,
         gt=0,
-        description="Largest MP4 a job may produce (it fails with output_too_large past it).",
+        description=(
+            "Byte budget of a clip delivered by webhook (base64 in one body, 85 MiB at this "
+            "default): the tallest format whose expected size fits is taken; a clip over it "
+            "fails with output_too_large."
+        ),
+    )
+    clip_max_file_bytes: int = Field(
+        default=512 * 1024 * 1024,
+        gt=0,
+        description=(
+            "Byte budget of a clip for a direct caller (no webhook; read from "
+            "/jobs/{id}/file): the tallest format whose expected size fits is taken; a clip "
+            "over it fails with output_too_large. The span fetched is about as large, so keep "
+            "it under HERMES_CLIP_MAX_JOB_DISK_BYTES; in distributed mode without object "
+            "storage, the Redis result limit caps it."
+        ),
     )
     clip_max_job_disk_bytes: int = Field(
         default=1024 * 1024 * 1024,
@@ -115,7 +138,13 @@ class ClipSettings(CommonSettings):
         ),
     )
     clip_video_bitrate_cap: str = Field(
-        default="5M", description="Peak video bitrate of re-encoded parts (ffmpeg -maxrate)."
+        default="5M",
+        pattern=r"^\d+(\.\d+)?[kKmMgG]?$",
+        description=(
+            "Peak video bitrate of re-encoded parts (ffmpeg -maxrate); lower still where the "
+            "source's own video bitrate is lower, so the head and tail of a smart cut cost "
+            "no more bytes per second than the frames copied between them."
+        ),
     )
     ytdlp_cookie_file: str | None = Field(
         default=None,

@@ -14,6 +14,10 @@ unchanged, and the MP4 declares every parameter set in its ``avcC`` (see ``avcc`
 Otherwise (another codec, a source taller than the limit, no IDR frame in the clip) the
 clip is re-encoded whole with x264's veryfast preset. Either way the first frame is the
 source's frame at ``start`` with no edit list hiding a lead-in, and the index is at the front.
+
+Re-encoded video spends at most the span's own video bitrate (and never more than the
+configured cap): a clip made from a format chosen to fit a byte budget stays about its
+format's size, however much of it is re-encoded. The audio is re-encoded at ``AUDIO_BITRATE``.
 """
 
 from __future__ import annotations
@@ -33,7 +37,10 @@ from services.clip.settings import ClipSettings
 EPSILON = 0.0005
 SPS_FIELD = re.compile(r"\b(profile_idc|level_idc|seq_parameter_set_id)\s+\d+ = (\d+)")
 X264_PROFILES = {66: "baseline", 77: "main", 100: "high"}
-AUDIO = ("-c:a", "aac", "-b:a", "128k")
+AUDIO_BITRATE = 128_000
+AUDIO = ("-c:a", "aac", "-b:a", f"{AUDIO_BITRATE // 1000}k")
+BITRATE = re.compile(r"^(\d+(?:\.\d+)?)([kKmMgG]?)$")
+SI = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9}
 MP4 = ("-movflags", "+faststart", "-f", "mp4", "-y")
 PARTS_SHARE = 0.8
 
@@ -87,18 +94,44 @@ class Part:
 
 @dataclass(frozen=True)
 class Encoder:
-    """x264 matched to the source: its profile and level, and a parameter-set id of its own."""
+    """x264 matched to the source: its profile and level, a parameter-set id of its own, and
+    the peak bitrate (bit/s) its frames may spend."""
 
     profile: str
     level: str
     sps_id: int
+    max_rate: int
 
     def args(self) -> list[str]:
         return [
             "-c:v", "libx264", "-preset", "veryfast", "-crf", "18", "-pix_fmt", "yuv420p",
-            "-profile:v", self.profile, "-level:v", self.level,
+            "-profile:v", self.profile, "-level:v", self.level, *rate_args(self.max_rate),
             "-x264-params", f"sps-id={self.sps_id}",
         ]  # fmt: skip
+
+
+def rate_args(max_rate: int) -> list[str]:
+    """x264's peak bitrate, with a buffer of one second of it."""
+    return ["-maxrate", str(max_rate), "-bufsize", str(max_rate)]
+
+
+def bits_per_second(text: str) -> int:
+    """A bitrate as ffmpeg writes it (``5M``, ``800k``, ``128000``): SI prefixes."""
+    match = BITRATE.match(text.strip())
+    if match is None:
+        raise ValueError(f"not a bitrate: {text!r}")
+    return round(float(match.group(1)) * SI[match.group(2).lower()])
+
+
+def max_rate(packets: list[ffmpeg.Packet], cap: str) -> int:
+    """What re-encoded video may spend: the span's own video bitrate, at most ``cap``."""
+    limit = bits_per_second(cap)
+    times = sorted(p.pts for p in packets)
+    if len(times) < 2 or times[-1] <= times[0]:
+        return limit
+    # From the first frame's start to the last frame's end.
+    seconds = (times[-1] - times[0]) * len(times) / (len(times) - 1)
+    return min(limit, round(sum(p.size for p in packets) * 8 / seconds))
 
 
 async def cut(
@@ -107,9 +140,11 @@ async def cut(
     workdir: Path,
     output: Path,
     settings: ClipSettings,
+    max_height: int,
     report: ffmpeg.Report,
 ) -> str:
-    """Write the clip of ``span`` within ``bounds`` to ``output``.
+    """Write the clip of ``span`` within ``bounds`` to ``output``, no taller than
+    ``max_height`` (a taller source is re-encoded, scaled down).
 
     Returns how: ``smart`` or ``reencode``.
     """
@@ -120,16 +155,17 @@ async def cut(
     if not frames:
         raise RangeOutOfBounds("The video has no frames in this range; choose an earlier one.")
     window = Window(bounds=bounds, frames=frames)
+    rate = max_rate(packets, settings.clip_video_bitrate_cap)
     facts = await ffmpeg.file_facts(span)
-    smart = facts.video_codec == "h264" and 0 < (facts.height or 0) <= settings.clip_max_height
-    encoder = await _encoder(span) if smart else None
+    smart = facts.video_codec == "h264" and 0 < (facts.height or 0) <= max_height
+    encoder = await _encoder(span, rate) if smart else None
     keys = []
     if encoder is not None:
         idrs = await ffmpeg.video_packets(span, workdir / "idr.crc", idr_only=True)
         keys = _idr_keys(idrs, window)
     if encoder is None or not keys:
         report("re-encoding", 0.0)
-        await _reencode(span, window, settings, output, report)
+        await _reencode(span, window, max_height, rate, output, report)
         return "reencode"
     report("cutting", 0.0)
     await _smart_cut(span, window, _parts(window, keys), encoder, workdir, output, report)
@@ -163,7 +199,7 @@ def _parts(window: Window, keys: list[ffmpeg.Packet]) -> list[Part]:
     return [part for part in parts if part.frames]
 
 
-async def _encoder(span: Path) -> Encoder | None:
+async def _encoder(span: Path, rate: int) -> Encoder | None:
     """x264's settings for the span's video, or None when x264 cannot match its profile."""
     _, log = await ffmpeg.run(
         ["-hide_banner", "-nostdin", "-i", str(span), "-map", "0:v:0", "-frames:v", "1",
@@ -177,6 +213,7 @@ async def _encoder(span: Path) -> Encoder | None:
         profile=profile,
         level=f"{sps['level_idc'] / 10:.1f}",
         sps_id=(sps.get("seq_parameter_set_id", 0) + 1) % 32,
+        max_rate=rate,
     )
 
 
@@ -258,19 +295,19 @@ def _declare(clip: Path, span: Path, in_band: Path) -> None:
 async def _reencode(
     span: Path,
     window: Window,
-    settings: ClipSettings,
+    max_height: int,
+    rate: int,
     output: Path,
     report: ffmpeg.Report,
 ) -> None:
-    cap = settings.clip_video_bitrate_cap
     args = [
         *ffmpeg.GLOBAL, "-seek_timestamp", "1", "-ss", _at(window.frames[0] - EPSILON),
         "-i", str(span), "-seek_timestamp", "1", *window.audio_input(span),
         "-map", "0:v:0", "-map", "1:a:0?", "-frames:v", str(len(window.frames)),
         # Only ever scales down: sources with no format short enough come to the limit.
-        "-vf", f"scale=-2:'min(ih,{settings.clip_max_height})'", "-fps_mode", "passthrough",
-        "-c:v", "libx264", "-preset", "veryfast", "-crf", "20", "-maxrate", cap,
-        "-bufsize", cap, "-pix_fmt", "yuv420p", *AUDIO, *MP4, str(output),
+        "-vf", f"scale=-2:'min(ih,{max_height})'", "-fps_mode", "passthrough",
+        "-c:v", "libx264", "-preset", "veryfast", "-crf", "20", *rate_args(rate),
+        "-pix_fmt", "yuv420p", *AUDIO, *MP4, str(output),
     ]  # fmt: skip
 
     def on_progress(seconds: float) -> None:

@@ -1,4 +1,5 @@
-"""Reading a video's facts and formats with yt-dlp, and naming its failures.
+"""Reading a video's facts and formats with yt-dlp, naming its failures, and choosing the
+formats a clip is made from: the tallest that fits the clip's byte budget.
 
 yt-dlp is used as a library for extraction only (``download=False``): config files are never
 read that way, only the YouTube extractor (or, for admitted extra hosts, the generic one) is
@@ -8,9 +9,10 @@ loaded, and no option comes from the caller.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from http import HTTPStatus
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -20,12 +22,14 @@ import yt_dlp
 from yt_dlp.networking.exceptions import HTTPError, TransportError
 from yt_dlp.utils import DownloadError, GeoRestrictedError, UnsupportedError
 
+from services.clip.cut.smart import AUDIO_BITRATE
 from services.clip.errors import (
     AgeRestricted,
     ClipFailed,
     GeoBlocked,
     LiveNotSupported,
     MembersOnly,
+    OutputTooLarge,
     RateLimited,
     SignInRequired,
     SourceUnreachable,
@@ -33,7 +37,7 @@ from services.clip.errors import (
     VideoUnavailable,
 )
 from services.clip.fetch.ytdlp_cli import js_runtimes, parse_extractor_args
-from services.clip.request import SourceUrl
+from services.clip.request import SourceUrl, clock
 from services.clip.settings import ClipSettings
 
 logger = logging.getLogger(__name__)
@@ -155,6 +159,8 @@ class Format:
     headers: dict[str, str] = field(default_factory=dict)
     # When the source allows fetching it (YouTube makes some clients wait out an ad first).
     available_at: float | None = None
+    # Bytes of the whole format, when the source says (YouTube does for its DASH formats).
+    filesize: int | None = None
 
     @property
     def has_video(self) -> bool:
@@ -171,6 +177,13 @@ class Format:
     @property
     def is_aac(self) -> bool:
         return (self.acodec or "").startswith(("mp4a", "aac"))
+
+    def rate(self, duration: float | None) -> float:
+        """Bits per second: from the whole format's size when known, else its bitrate (0 when
+        the source says neither)."""
+        if self.filesize and duration:
+            return self.filesize * 8 / duration
+        return self.bitrate * 1000
 
 
 @dataclass(frozen=True)
@@ -304,33 +317,104 @@ def _format(raw: dict[str, Any]) -> Format:
         protocol=str(raw.get("protocol") or "https"),
         headers={str(k): str(v) for k, v in (raw.get("http_headers") or {}).items()},
         available_at=float(raw["available_at"]) if raw.get("available_at") else None,
+        filesize=int(size) if (size := raw.get("filesize") or raw.get("filesize_approx")) else None,
     )
+
+
+# A clip's expected size: its video's bitrate and the audio the cut writes, over the span, and
+# this much more: the span may be busier than the video's average, and the MP4's index and the
+# re-encoded head and tail add a little. The real size is checked after the cut.
+SIZE_MARGIN = 0.15
+SIZE_OVERHEAD = 64 * 1024
 
 
 @dataclass(frozen=True)
 class Selection:
-    """What to read: one muxed format, or a video and an audio format."""
+    """What to read: one muxed format, or a video and an audio format; their bitrates as the
+    source gives them (bit/s, 0 when it does not), and whether they were taken instead of a
+    taller or richer format so the clip fits its budget."""
 
     video: Format
     audio: Format | None
+    video_rate: float
+    audio_rate: float
+    reduced: bool = False
+
+    @property
+    def bitrate(self) -> float:
+        """The formats' bitrate together."""
+        return self.video_rate + self.audio_rate
+
+    @property
+    def output_rate(self) -> float:
+        """Bits per second the clip is planned for: the video format's (all of a muxed one,
+        whose own audio the cut replaces: this errs on the large side) and the cut's audio."""
+        has_audio = self.audio is not None or self.video.acodec != "none"
+        return self.video_rate + (AUDIO_BITRATE if has_audio else 0)
 
 
-def select(formats: tuple[Format, ...], max_height: int) -> Selection:
-    """H.264 no taller than ``max_height`` and AAC where they exist, else the best there is."""
-    fits = [f for f in formats if f.has_video and (f.height or 0) <= max_height]
-    if not fits:
-        fits = [f for f in formats if f.has_video]
-    if not fits:
+def expected_bytes(rate: float, seconds: float) -> int:
+    """The size a clip of ``seconds`` at ``rate`` bit/s is planned for."""
+    return round(rate / 8 * seconds * (1 + SIZE_MARGIN)) + SIZE_OVERHEAD
+
+
+def select(
+    formats: tuple[Format, ...],
+    max_height: int,
+    *,
+    seconds: float,
+    duration: float | None,
+    max_bytes: int,
+) -> Selection:
+    """The tallest H.264 (with AAC where there is) no taller than ``max_height`` whose clip of
+    ``seconds`` is expected to fit ``max_bytes``; without H.264, the best there is, re-encoded.
+
+    ``duration`` (the whole video's) turns a format's file size into a bitrate. A format whose
+    bitrate the source does not give is expected to fit. Raises ``OutputTooLarge`` when no
+    format fits, so a clip that cannot be delivered fails before any media byte is fetched.
+    """
+    videos = [f for f in formats if f.has_video]
+    if not videos:
         raise UnsupportedSource("The source has no video stream.")
-
-    def rank(f: Format) -> tuple[bool, int, bool, float]:
-        return (f.is_h264, f.height or 0, f.protocol.startswith("http"), f.bitrate)
-
-    video = max(fits, key=rank)
-    if video.has_audio and video.acodec is not None:
-        return Selection(video=video, audio=None)
+    # With none short enough, the shortest is taken and re-encoded down to the limit.
+    short = [f for f in videos if (f.height or 0) <= max_height] or [
+        min(videos, key=lambda f: (f.height or 0, f.bitrate))
+    ]
+    if any(f.is_h264 for f in short):
+        short = [f for f in short if f.is_h264]
     audios = [f for f in formats if f.has_audio and not f.has_video]
-    if video.acodec is None and not audios:
-        return Selection(video=video, audio=None)
+    ranked = sorted(short, key=_rank, reverse=True)
+    options = [_with_audio(video, audios, duration) for video in ranked]
+    for index, option in enumerate(options):
+        if expected_bytes(option.output_rate, seconds) <= max_bytes:
+            return replace(option, reduced=index > 0)
+    smallest = min(options, key=lambda o: o.output_rate)
+    raise OutputTooLarge(_too_large(smallest, seconds, max_bytes))
+
+
+def _rank(f: Format) -> tuple[int, bool, float]:
+    """Taller first; of one height, what ffmpeg reads with ranges, then the richer."""
+    return (f.height or 0, f.protocol.startswith("http"), f.bitrate)
+
+
+def _with_audio(video: Format, audios: list[Format], duration: float | None) -> Selection:
+    """``video`` and the audio to go with it: its own, else the best separate one (AAC first)."""
+    rate = video.rate(duration)
+    if (video.has_audio and video.acodec is not None) or (video.acodec is None and not audios):
+        return Selection(video=video, audio=None, video_rate=rate, audio_rate=0.0)
     audio = max(audios, key=lambda f: (f.is_aac, f.bitrate), default=None)
-    return Selection(video=video, audio=audio)
+    sound = 0.0 if audio is None else audio.rate(duration)
+    return Selection(video=video, audio=audio, video_rate=rate, audio_rate=sound)
+
+
+def _too_large(smallest: Selection, seconds: float, max_bytes: int) -> str:
+    """Why no format fits, and the longest span that would, at the smallest format."""
+    height = f"{smallest.video.height}p, " if smallest.video.height else ""
+    per_second = smallest.output_rate / 8 * (1 + SIZE_MARGIN)
+    longest = max(0.0, (max_bytes - SIZE_OVERHEAD) / per_second)
+    return (
+        f"Even the smallest format ({height}{smallest.bitrate / 1000:.0f} kbit/s) makes about "
+        f"{expected_bytes(smallest.output_rate, seconds) / 2**20:.1f} MiB for these "
+        f"{clock(seconds)}, over this clip's limit of {max_bytes / 2**20:.1f} MiB; choose a "
+        f"range of at most {clock(math.floor(longest))}."
+    )

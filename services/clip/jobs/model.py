@@ -55,6 +55,24 @@ class ClipFacts(BaseModel):
     cut: str = Field(
         description="`smart` (only the head and tail re-encoded) or `reencode` (all of it)."
     )
+    format_height: int | None = Field(
+        default=None,
+        description="Height of the source format the clip was made from (null when unknown).",
+    )
+    format_bitrate: int | None = Field(
+        default=None,
+        description=(
+            "Bitrate of the source formats the clip was made from (video and audio), kbit/s, "
+            "as the source gives it (null when it does not)."
+        ),
+    )
+    reduced_to_fit: bool = Field(
+        default=False,
+        description=(
+            "True when a shorter or leaner format than the tallest allowed was taken so the "
+            "clip fits its byte budget (the webhook's, or a direct caller's)."
+        ),
+    )
 
 
 class JobView(BaseModel):
@@ -187,6 +205,9 @@ def facts_of(spec: ClipSpec, result: ClipResult) -> ClipFacts:
         width=result.width,
         height=result.height,
         cut=result.cut,
+        format_height=result.format_height,
+        format_bitrate=result.format_bitrate,
+        reduced_to_fit=result.reduced_to_fit,
     )
 
 
