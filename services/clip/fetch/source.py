@@ -412,9 +412,9 @@ def _too_large(smallest: Selection, seconds: float, max_bytes: int) -> str:
     height = f"{smallest.video.height}p, " if smallest.video.height else ""
     per_second = smallest.output_rate / 8 * (1 + SIZE_MARGIN)
     longest = max(0.0, (max_bytes - SIZE_OVERHEAD) / per_second)
+    size = expected_bytes(smallest.output_rate, seconds) / 2**20
     return (
-        f"Even the smallest format ({height}{smallest.bitrate / 1000:.0f} kbit/s) makes about "
-        f"{expected_bytes(smallest.output_rate, seconds) / 2**20:.1f} MiB for these "
-        f"{clock(seconds)}, over this clip's limit of {max_bytes / 2**20:.1f} MiB; choose a "
-        f"range of at most {clock(math.floor(longest))}."
+        f"Even at its smallest format ({height}{smallest.bitrate / 1000:.0f} kbit/s) a clip of "
+        f"{clock(seconds)} would be about {size:.1f} MiB, over the {max_bytes / 2**20:.1f} MiB "
+        f"this clip may be; choose a range of at most {clock(math.floor(longest))}."
     )

@@ -1,0 +1,288 @@
+"""Format choice: the tallest rendition whose clip fits the byte budget, chosen before fetching.
+
+One generated video at 144p, 240p and 360p at clearly different bitrates is served by the
+standard library's file server (with Range added) as an HLS master playlist and as a DASH
+manifest, and clipped through the real app, yt-dlp's generic extractor and ffmpeg. Each clip
+is compared frame by frame with the rendition it was made from, decoded by ffmpeg. Budgets are
+set at the size the service plans for a rendition (the documented arithmetic: the manifest's
+bitrate, the cut's 128 kbit/s audio, 15% and 64 KiB), so the media can stay short.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import math
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from pydantic import ValidationError
+
+from services.clip.app import create_app
+from services.clip.settings import ClipSettings
+from tests.conftest import MEDIA_CACHE, Media
+from tests.support.apps import client
+from tests.support.ladder import DASH_LADDER, HLS_LADDER, Ladder, Rendition, make_ladder
+from tests.support.media import audio_seconds, decode_timed_frames, frame_number, grey_psnr
+from tests.support.receiver import Receiver, receiver
+from tests.support.strictorigin import StrictOrigin
+
+SIZES = ((256, 144), (426, 240), (640, 360))
+SECONDS = 12
+# Frames are compared at this size, whatever the rendition's.
+WIDTH, HEIGHT = 160, 90
+EPSILON = 0.0005
+MIN_PSNR = 30.0
+MANIFESTS = {"hls": HLS_LADDER, "dash": DASH_LADDER}
+# What the service plans a clip's size for (README, "Format choice").
+CUT_AUDIO, MARGIN, OVERHEAD = 128_000, 0.15, 64 * 1024
+# A span that fits at 144p under a budget set for it, and not at 240p.
+LONG = ("0:01.3", "0:10.7")
+
+
+@pytest.fixture(scope="module")
+def ladder() -> Ladder:
+    return make_ladder(MEDIA_CACHE, "ladder", sizes=SIZES, seconds=SECONDS)
+
+
+@pytest.fixture(scope="module")
+def origin(ladder: Ladder) -> Iterator[Media]:
+    with StrictOrigin(MEDIA_CACHE) as server:
+        yield Media(server=server, root=MEDIA_CACHE)
+
+
+@pytest.fixture
+def hook() -> Iterator[Receiver]:
+    with receiver() as r:
+        yield r
+
+
+def settings_for(media: Media, tmp_path: Path, **overrides: Any) -> ClipSettings:
+    values: dict[str, Any] = {
+        "allow_private_networks": True,
+        "clip_extra_source_hosts": media.host,
+        "clip_work_dir": tmp_path / "work",
+        "webhook_backoff_seconds": 0.05,
+        **overrides,
+    }
+    return ClipSettings(**values)
+
+
+def video_rate(rendition: Rendition, container: str) -> int:
+    """The video bitrate the manifest gives (HLS: the muxed variant, its audio included)."""
+    return rendition.hls_bitrate if container == "hls" else rendition.video_bitrate
+
+
+def manifest_rate(rendition: Rendition, container: str) -> int:
+    """The formats' bitrate the service reports: the variant, or DASH's video and audio."""
+    if container == "hls":
+        return rendition.hls_bitrate
+    return rendition.video_bitrate + rendition.audio_bitrate
+
+
+def planned(rendition: Rendition, container: str, seconds: float) -> int:
+    """The bytes the service plans for a clip of ``seconds`` of ``rendition``."""
+    rate = video_rate(rendition, container) + CUT_AUDIO
+    return round(rate / 8 * seconds * (1 + MARGIN)) + OVERHEAD
+
+
+def seconds_of(text: str) -> float:
+    minutes, seconds = text.split(":")
+    return int(minutes) * 60 + float(seconds)
+
+
+def ask(
+    api: httpx.Client, url: str, span: tuple[str, str], hook: Receiver | None, **extra: Any
+) -> httpx.Response:
+    headers = {}
+    if hook is not None:
+        headers = {"ouro-webhook-url": hook.url, "ouro-webhook-token": "t", "ouro-action-id": "a"}
+    body = {"youtube_url": url, "start_time": span[0], "end_time": span[1], **extra}
+    return api.post("/download-a-clip-from-youtube", json=body, headers=headers)
+
+
+def finished(api: httpx.Client, job_id: str, timeout: float = 60) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        view: dict[str, Any] = api.get(f"/jobs/{job_id}").json()
+        if view["status"] in ("succeeded", "failed") and view["webhook"] != "pending":
+            return view
+        time.sleep(0.05)
+    raise TimeoutError(job_id)
+
+
+def clip(
+    settings: ClipSettings,
+    url: str,
+    span: tuple[str, str],
+    hook: Receiver | None = None,
+    **extra: Any,
+) -> tuple[dict[str, Any], bytes | None]:
+    """The finished job's view, and its MP4 as its caller gets it (webhook or file)."""
+    with client(create_app(settings)) as api:
+        response = ask(api, url, span, hook, **extra)
+        assert response.status_code == 202, response.text
+        view = finished(api, response.json()["job_id"])
+        if view["status"] != "succeeded":
+            return view, None
+        if hook is not None:
+            [delivery] = hook.wait(1)
+            return view, base64.b64decode(delivery.body["response"]["file"]["base64"])
+        return view, api.get(f"/jobs/{view['job_id']}/file").content
+
+
+@functools.cache
+def rendition_frames(path: Path) -> list[tuple[float, bytes]]:
+    return decode_timed_frames(path, width=WIDTH, height=HEIGHT)
+
+
+def assert_frame_exact(
+    data: bytes, rendition: Rendition, container: str, span: tuple[str, str], work: Path
+) -> None:
+    """The clip holds exactly the rendition's frames in [start, end), in order, at their times,
+    with audio from its first frame to its end."""
+    made_path = work / "made.mp4"
+    made_path.write_bytes(data)
+    start, end = (seconds_of(t) for t in span)
+    source = rendition.hls_playlist if container == "hls" else rendition.source
+    expected = [(t, f) for t, f in rendition_frames(source) if start - EPSILON <= t < end - EPSILON]
+    made = decode_timed_frames(made_path, width=WIDTH, height=HEIGHT)
+    assert len(made) == len(expected), f"{len(made)} frames instead of {len(expected)}"
+    for index, ((want_t, want), (got_t, got)) in enumerate(zip(expected, made, strict=True)):
+        wanted, seen = frame_number(want, WIDTH, HEIGHT), frame_number(got, WIDTH, HEIGHT)
+        assert seen == wanted, f"frame {index} is source frame {seen}, not {wanted}"
+        assert grey_psnr(want, got) >= MIN_PSNR, f"frame {index} does not look like the source"
+        assert round(got_t - (want_t - expected[0][0]), 3) == 0, "frames keep the source's times"
+    assert audio_seconds(made_path) == pytest.approx(end - expected[0][0], abs=0.05)
+
+
+def media_requests(server: StrictOrigin | Any) -> list[str]:
+    """Requests for media bytes (not playlists or manifests)."""
+    return [r.path for r in server.requests if not r.path.endswith((".m3u8", ".mpd"))]
+
+
+@pytest.mark.parametrize("container", sorted(MANIFESTS))
+def test_a_short_clip_takes_the_tallest(
+    container: str, ladder: Ladder, origin: Media, tmp_path: Path
+) -> None:
+    span = ("0:03.3", "0:06.7")
+    url = origin.url(ladder.path(MANIFESTS[container]))
+    view, data = clip(settings_for(origin, tmp_path), url, span)
+    result = view["result"]
+    assert result is not None, view
+    tallest = ladder.at(360)
+    assert (result["format_height"], result["height"]) == (360, 360)
+    assert result["format_bitrate"] == round(manifest_rate(tallest, container) / 1000)
+    assert result["reduced_to_fit"] is False
+    assert data is not None
+    assert_frame_exact(data, tallest, container, span, tmp_path)
+
+
+@pytest.mark.parametrize("delivery", ["webhook", "direct"])
+@pytest.mark.parametrize("container", sorted(MANIFESTS))
+def test_a_long_clip_fits_at_the_smallest_and_not_one_byte_under(
+    container: str, delivery: str, ladder: Ladder, origin: Media, tmp_path: Path, hook: Receiver
+) -> None:
+    """The budget setting of each delivery at the size planned for 144p: taken and reported;
+    one byte less: refused before any media byte is fetched."""
+    smallest = ladder.at(144)
+    seconds = seconds_of(LONG[1]) - seconds_of(LONG[0])
+    limit = planned(smallest, container, seconds)
+    assert limit < planned(ladder.at(240), container, seconds)
+    setting = "clip_max_output_bytes" if delivery == "webhook" else "clip_max_file_bytes"
+    url = origin.url(ladder.path(MANIFESTS[container]))
+    caller = hook if delivery == "webhook" else None
+
+    view, data = clip(settings_for(origin, tmp_path, **{setting: limit}), url, LONG, caller)
+    result = view["result"]
+    assert result is not None, view
+    assert (result["format_height"], result["height"]) == (144, 144)
+    assert result["format_bitrate"] == round(manifest_rate(smallest, container) / 1000)
+    assert result["reduced_to_fit"] is True
+    assert data is not None
+    assert len(data) == result["bytes"] <= limit
+    assert_frame_exact(data, smallest, container, LONG, tmp_path)
+
+    origin.server.reset()
+    view, _ = clip(settings_for(origin, tmp_path, **{setting: limit - 1}), url, LONG, caller)
+    assert view["error"]["code"] == "output_too_large"
+    assert media_requests(origin.server) == []
+
+
+@pytest.mark.parametrize("container", sorted(MANIFESTS))
+def test_a_span_that_fits_nowhere_fails_before_any_media_byte(
+    container: str, ladder: Ladder, origin: Media, tmp_path: Path, hook: Receiver
+) -> None:
+    budget = 150_000
+    span = ("0:00", "0:11")
+    origin.server.reset()
+    settings = settings_for(origin, tmp_path, clip_max_output_bytes=budget)
+    view, _ = clip(settings, origin.url(ladder.path(MANIFESTS[container])), span, hook)
+    [delivery] = hook.wait(1)
+    error = delivery.body["response"]["error"]
+    assert view["error"] == error
+    assert error["code"] == "output_too_large"
+    assert "\n" not in error["message"]
+    # The longest span that fits at the smallest format, to the second.
+    rate = video_rate(ladder.at(144), container) + CUT_AUDIO
+    longest = math.floor((budget - OVERHEAD) / (rate / 8 * (1 + MARGIN)))
+    assert "144p" in error["message"]
+    assert f"at most 00:00:{longest:02d}." in error["message"], error["message"]
+    requested = [r.path for r in origin.server.requests]
+    assert requested, "the manifest was read"
+    assert media_requests(origin.server) == []
+
+
+@pytest.mark.parametrize("container", sorted(MANIFESTS))
+def test_max_height_caps_the_choice(
+    container: str, ladder: Ladder, origin: Media, tmp_path: Path
+) -> None:
+    span = ("0:05.2", "0:08.6")
+    url = origin.url(ladder.path(MANIFESTS[container]))
+    view, data = clip(settings_for(origin, tmp_path), url, span, None, max_height=240)
+    result = view["result"]
+    assert result is not None, view
+    assert (result["format_height"], result["height"]) == (240, 240)
+    assert result["reduced_to_fit"] is False
+    assert data is not None
+    assert_frame_exact(data, ladder.at(240), container, span, tmp_path)
+
+
+def test_max_height_must_be_a_usual_height(ladder: Ladder, origin: Media, tmp_path: Path) -> None:
+    url = origin.url(ladder.path(HLS_LADDER))
+    with client(create_app(settings_for(origin, tmp_path))) as api:
+        for wrong in (500, "abc", 0, -360, 360.5):
+            response = ask(api, url, ("0:01", "0:02"), None, max_height=wrong)
+            assert response.status_code == 422, (wrong, response.text)
+            body = response.json()
+            assert body["error"]["code"] == "invalid_input"
+            assert body["detail"] == body["error"]["message"]
+            assert "max_height" in body["detail"]
+            assert "\n" not in body["detail"]
+
+
+def test_ten_minutes_by_default_and_not_a_frame_more(origin: Media, tmp_path: Path) -> None:
+    """The default HERMES_CLIP_MAX_SECONDS: 600 s is accepted, 600.04 s is not."""
+    settings = settings_for(origin, tmp_path)
+    assert settings.clip_max_seconds == 600
+    # Over a source of 12 s, so the accepted job ends at once: the range is past its end.
+    url = origin.url("ladder/r144.mp4")
+    with client(create_app(settings)) as api:
+        accepted = ask(api, url, ("0:00", "10:00"), None)
+        assert accepted.status_code == 202, accepted.text
+        refused = ask(api, url, ("0:00", "10:00.04"), None)
+        assert refused.status_code == 422
+        assert refused.json()["error"]["code"] == "clip_too_long"
+        view = finished(api, accepted.json()["job_id"])
+    assert view["error"]["code"] == "range_out_of_bounds"
+
+
+@pytest.mark.parametrize("setting", ["clip_max_file_bytes", "clip_max_seconds"])
+def test_budget_and_length_settings_must_be_positive(setting: str) -> None:
+    assert getattr(ClipSettings(**{setting: 1}), setting) == 1
+    with pytest.raises(ValidationError, match=setting):
+        ClipSettings(**{setting: 0})
