@@ -281,8 +281,9 @@ def test_output_limit_timeout_and_cancel(media: Media, tmp_path: Path, hook: Rec
     with client(create_app(settings_for(media, tmp_path))) as api:
         job = ask(api, media.url("s60.mp4"), "0:01", "0:06").json()["job_id"]
         size = wait_for_job(api, job)["result"]["bytes"]
+    # A direct caller's budget (the webhook's is tested with the formats' choice).
     for limit, code in ((size, None), (size - 1, "output_too_large")):
-        with client(create_app(settings_for(media, tmp_path, clip_max_output_bytes=limit))) as api:
+        with client(create_app(settings_for(media, tmp_path, clip_max_file_bytes=limit))) as api:
             job = ask(api, media.url("s60.mp4"), "0:01", "0:06").json()["job_id"]
             assert (wait_for_job(api, job)["error"] or {}).get("code") == code
     slow = settings_for(media, tmp_path, clip_job_timeout_seconds=0.3)

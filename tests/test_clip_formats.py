@@ -23,6 +23,8 @@ import pytest
 from pydantic import ValidationError
 
 from services.clip.app import create_app
+from services.clip.errors import OutputTooLarge
+from services.clip.fetch.source import Format, select
 from services.clip.settings import ClipSettings
 from tests.conftest import MEDIA_CACHE, Media
 from tests.support.apps import client
@@ -283,6 +285,66 @@ def test_ten_minutes_by_default_and_not_a_frame_more(origin: Media, tmp_path: Pa
 
 @pytest.mark.parametrize("setting", ["clip_max_file_bytes", "clip_max_seconds"])
 def test_budget_and_length_settings_must_be_positive(setting: str) -> None:
-    assert getattr(ClipSettings(**{setting: 1}), setting) == 1
+    at_limit: dict[str, Any] = {setting: 1}
+    assert getattr(ClipSettings(**at_limit), setting) == 1
+    past: dict[str, Any] = {setting: 0}
     with pytest.raises(ValidationError, match=setting):
-        ClipSettings(**{setting: 0})
+        ClipSettings(**past)
+
+
+def youtube_format(itag_height: int | None, vcodec: str, acodec: str, kbps: float) -> Format:
+    """A YouTube DASH format of a 20-minute video, its size given and its bitrate not."""
+    return Format(
+        url=f"https://r.googlevideo.com/{vcodec}/{itag_height}",
+        vcodec=vcodec,
+        acodec=acodec,
+        height=itag_height,
+        bitrate=0,
+        protocol="https",
+        filesize=round(kbps * 1000 / 8 * 1200),
+    )
+
+
+YOUTUBE = (
+    youtube_format(1080, "vp09.00.40.08", "none", 2500),
+    youtube_format(1080, "avc1.640028", "none", 4000),
+    youtube_format(720, "avc1.4d401f", "none", 2100),
+    youtube_format(480, "avc1.4d401e", "none", 1000),
+    youtube_format(360, "avc1.4d401e", "none", 600),
+    youtube_format(240, "avc1.4d4015", "none", 280),
+    youtube_format(144, "avc1.4d400c", "none", 130),
+    youtube_format(None, "none", "opus", 140),
+    youtube_format(None, "none", "mp4a.40.2", 130),
+)
+
+
+@pytest.mark.parametrize(
+    ("max_bytes", "max_height", "height", "reduced"),
+    [
+        (512 * 2**20, 1080, 1080, False),  # a direct caller's ten minutes: 1080p
+        (64 * 2**20, 1080, 360, True),  # the webhook's: 360p, as README's arithmetic says
+        (64 * 2**20, 240, 240, False),  # the caller asked for 240p at most
+    ],
+)
+def test_ten_minutes_of_youtube_by_file_size(
+    max_bytes: int, max_height: int, height: int, reduced: bool
+) -> None:
+    chosen = select(YOUTUBE, max_height, seconds=600, duration=1200, max_bytes=max_bytes)
+    assert (chosen.video.height, chosen.video.is_h264, chosen.reduced) == (height, True, reduced)
+    assert chosen.audio is not None
+    assert chosen.audio.is_aac
+    kbps = {1080: 4000, 360: 600, 240: 280}[height]
+    assert chosen.bitrate == pytest.approx((kbps + 130) * 1000)
+
+
+def test_ten_minutes_fit_the_webhook_at_the_smallest_usual_height() -> None:
+    """The default HERMES_CLIP_MAX_SECONDS at the default webhook budget: YouTube's richest
+    usual 144p (130 kbit/s) with the cut's 128 kbit/s audio fits with room; the budget holds
+    (64 MiB - 64 KiB) / (258 kbit/s / 8 * 1.15) = 1807.7 s of it."""
+    settings = ClipSettings()
+    smallest = (YOUTUBE[6], YOUTUBE[8])
+    budget = {"duration": 1200, "max_bytes": settings.clip_max_output_bytes}
+    for seconds in (settings.clip_max_seconds, 1807):
+        assert select(smallest, 1080, seconds=seconds, **budget).video.height == 144
+    with pytest.raises(OutputTooLarge, match=r"at most 00:30:07\.$"):
+        select(smallest, 1080, seconds=1808, **budget)

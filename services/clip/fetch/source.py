@@ -386,7 +386,8 @@ def select(
     ranked = sorted(short, key=_rank, reverse=True)
     options = [_with_audio(video, audios, duration) for video in ranked]
     for index, option in enumerate(options):
-        if expected_bytes(option.output_rate, seconds) <= max_bytes:
+        # Of a format whose bitrate the source does not give, only the real size can tell.
+        if not option.video_rate or expected_bytes(option.output_rate, seconds) <= max_bytes:
             return replace(option, reduced=index > 0)
     smallest = min(options, key=lambda o: o.output_rate)
     raise OutputTooLarge(_too_large(smallest, seconds, max_bytes))
