@@ -25,6 +25,7 @@ from pydantic import ValidationError
 from services.clip.app import create_app
 from services.clip.errors import OutputTooLarge
 from services.clip.fetch.source import Format, select
+from services.clip.request import byte_budget
 from services.clip.settings import ClipSettings
 from tests.conftest import MEDIA_CACHE, Media
 from tests.support.apps import client
@@ -348,3 +349,16 @@ def test_ten_minutes_fit_the_webhook_at_the_smallest_usual_height() -> None:
         assert select(smallest, 1080, seconds=seconds, **budget).video.height == 144
     with pytest.raises(OutputTooLarge, match=r"at most 00:30:07\.$"):
         select(smallest, 1080, seconds=1808, **budget)
+
+
+def test_results_kept_in_redis_cap_both_budgets() -> None:
+    embedded = ClipSettings(clip_max_output_bytes=1000, clip_max_file_bytes=5000)
+    assert byte_budget(embedded, webhook=True) == 1000
+    assert byte_budget(embedded, webhook=False) == 5000
+    in_redis = embedded.model_copy(
+        update={"redis_url": "redis://127.0.0.1:1", "clip_redis_result_max_bytes": 800}
+    )
+    assert byte_budget(in_redis, webhook=True) == 800
+    assert byte_budget(in_redis, webhook=False) == 800
+    stored = in_redis.model_copy(update={"clip_storage_url": "/srv/clips"})
+    assert byte_budget(stored, webhook=False) == 5000
