@@ -326,7 +326,7 @@ def test_sigkill_mid_job_runs_again_within_a_minute(cluster: Cluster, hook: Rece
     assert len(hook.deliveries) == 1
     assert final["status"] == "succeeded"
     assert final["tries"] == 2
-    assert not (cluster.root / "work" / job).exists()
+    assert not list((cluster.root / "work").glob(f"{job}*")), "the run directories are gone"
 
 
 def test_a_stalled_worker_cannot_overwrite_the_run_that_took_its_job(
@@ -426,7 +426,7 @@ def test_a_job_past_its_deadline_fails_and_its_webhook_stops(
     and an error webhook; a receiver that keeps failing is tried until the deadline, no later."""
     hook.statuses = [500] * 1000
     settings = cluster.settings()
-    left = 6.0
+    left = 15.0
     url = cluster.media.url("s60.mp4")
     job = asyncio.run(
         _accepted_long_ago(settings, hook, url, settings.clip_deadline_seconds - left)
@@ -528,7 +528,7 @@ def test_cancel_a_running_job(cluster: Cluster, hook: Receiver) -> None:
         [delivery] = hook.wait(1, timeout=30)
     assert cancelled["error"]["code"] == "cancelled"
     assert delivery.body["response"]["error"]["code"] == "cancelled"
-    assert not (cluster.root / "work" / job).exists()
+    assert not list((cluster.root / "work").glob(f"{job}*")), "the run directories are gone"
 
 
 def test_worker_removes_dead_jobs_directories_on_start(cluster: Cluster) -> None:

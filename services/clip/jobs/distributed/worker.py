@@ -181,7 +181,8 @@ async def _run(
         view.stage, view.progress = stage, max(view.progress, round(progress, 4))
 
     try:
-        with job_directory(settings.clip_work_dir, job_id) as workdir:
+        # A directory of the run's own: a stalled run on this host may still hold its lock.
+        with job_directory(settings.clip_work_dir, f"{job_id}-{lease.token}") as workdir:
             try:
                 facts, clip = await run_job(
                     job.clip_spec(), workdir, settings, report, job.ouro, state.gate,
