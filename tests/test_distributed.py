@@ -272,7 +272,7 @@ def test_timeout_ends_with_an_error_webhook(cluster: Cluster, hook: Receiver) ->
     cluster.start_worker(HERMES_CLIP_JOB_TIMEOUT_SECONDS="0.5")
     with client(create_app(cluster.settings())) as api:
         job = ask(api, cluster.media.url("s60.mp4"), "0:01", "0:55", hook).json()["job_id"]
-        [delivery] = hook.wait(1, timeout=30)
+        [delivery] = hook.wait(1, timeout=60)
         assert view(api, job)["error"]["code"] == "job_timeout"
     assert delivery.body["response"]["error"]["code"] == "job_timeout"
 
@@ -291,7 +291,7 @@ def runner_of(cluster: Cluster, job: str, run: int = 1) -> int:
         lambda: next(
             ((i,) for i in range(len(cluster.workers)) if f"{job}:r{run}" in cluster.log(i)), None
         ),
-        timeout=30,
+        timeout=60,
     )
     return found[0]
 
@@ -304,7 +304,7 @@ def test_sigkill_mid_job_runs_again_within_a_minute(cluster: Cluster, hook: Rece
     cluster.start_worker(**DEFAULT_JOB_TIMEOUT)
     with client(create_app(cluster.settings())) as api:
         job = ask(api, cluster.media.url("s60.mp4"), "0:01", "0:20", hook).json()["job_id"]
-        wait_until(lambda: view(api, job)["stage"] == "fetching", timeout=30, every=0.02)
+        wait_until(lambda: view(api, job)["stage"] == "fetching", timeout=60, every=0.02)
         first = runner_of(cluster, job)
         cluster.workers[first].send_signal(signal.SIGKILL)
         killed_at, killed_mono = time.time(), time.monotonic()
@@ -339,7 +339,7 @@ def test_a_stalled_worker_cannot_overwrite_the_run_that_took_its_job(
     cluster.start_worker(**DEFAULT_JOB_TIMEOUT)
     with client(create_app(cluster.settings())) as api:
         job = ask(api, cluster.media.url("s60.mp4"), "0:01", "0:20", hook).json()["job_id"]
-        wait_until(lambda: view(api, job)["stage"] == "fetching", timeout=30, every=0.02)
+        wait_until(lambda: view(api, job)["stage"] == "fetching", timeout=60, every=0.02)
         stalled = runner_of(cluster, job)
         cluster.workers[stalled].send_signal(signal.SIGSTOP)
         cluster.media.server.throttle = None
@@ -400,10 +400,10 @@ def test_another_callers_job_starts_before_the_first_callers_backlog(
         alice = [
             ask(api, url, "0:01", "0:04", hook, user="alice").json()["job_id"] for _ in range(3)
         ]
-        wait_until(lambda: view(api, alice[0])["status"] == "running", timeout=30)
+        wait_until(lambda: view(api, alice[0])["status"] == "running", timeout=60)
         time.sleep(0.5)
         bob = ask(api, url, "0:01", "0:02", hook, user="bob").json()["job_id"]
-        wait_until(lambda: view(api, bob)["status"] != "queued", timeout=30)
+        wait_until(lambda: view(api, bob)["status"] != "queued", timeout=60)
         waiting = [view(api, job)["status"] for job in alice[1:]]
         cluster.media.server.throttle = None
         hook.wait(4, timeout=90)
@@ -426,15 +426,15 @@ def test_a_job_past_its_deadline_fails_and_its_webhook_stops(
     and an error webhook; a receiver that keeps failing is tried until the deadline, no later."""
     hook.statuses = [500] * 1000
     settings = cluster.settings()
-    left = 15.0
-    url = cluster.media.url("s60.mp4")
-    job = asyncio.run(
-        _accepted_long_ago(settings, hook, url, settings.clip_deadline_seconds - left)
-    )
-    ends = time.monotonic() + left
     cluster.start_worker()
+    wait_until(lambda: "Starting worker" in cluster.log(0), timeout=60)
+    left = 8.0
+    url = cluster.media.url("s60.mp4")
+    age = settings.clip_deadline_seconds - left
+    job = asyncio.run(_accepted_long_ago(settings, hook, url, age))
+    ends = time.monotonic() + left
     with client(create_app(settings)) as api:
-        failed = wait_until(lambda: (v := view(api, job))["webhook"] == "failed" and v, timeout=30)
+        failed = wait_until(lambda: (v := view(api, job))["webhook"] == "failed" and v, timeout=60)
     deliveries = list(hook.deliveries)
     assert failed["status"] == "failed"
     assert failed["error"]["code"] == "deadline_exceeded"

@@ -181,6 +181,8 @@ async def _run(
         view.stage, view.progress = stage, max(view.progress, round(progress, 4))
 
     try:
+        # Earlier runs' directories on this host whose worker died (a stalled one keeps its lock).
+        remove_stale_directories(settings.clip_work_dir, f"{job_id}-")
         # A directory of the run's own: a stalled run on this host may still hold its lock.
         with job_directory(settings.clip_work_dir, f"{job_id}-{lease.token}") as workdir:
             try:
