@@ -68,6 +68,8 @@ def main() -> None:
                 clip_extra_source_hosts=host,
                 clip_work_dir=Path(tmp) / "work",
                 clip_storage_url=str(Path(tmp) / "results"),
+                # All jobs come from one caller here: let them all wait.
+                clip_max_queued_per_caller=max(args.jobs, 10),
             )
             with client(create_app(settings)) as api:
                 results[workers] = run_queue(api, settings, url, workers, args.jobs, Path(tmp))

@@ -9,7 +9,9 @@ Every key lives under the deployment's queue name ``P``:
   one caller's jobs, ``P:active:<caller>``: the caller's jobs waiting or running, by the time
   the job surely ended (its deadline), so a count never outlives a crash.
 - ``P:deadlines``: unfinished jobs by the time their runs must have ended.
-- ``P:results:due``: result files by the time they are deleted.
+- ``P:results:due``: result files by the time they are deleted; ``P:stats:run_seconds``: the
+  moving average of run times (for ``Retry-After``); ``P:cancel:<id>``, ``P:key:<key>``
+  (idempotency), ``P:worker:<id>`` (live workers).
 
 A record is only ever written by ``commit``: a Lua script that writes it only while the token
 is the writer's, and in the same step releases the lease, drops the job from its caller's

@@ -144,6 +144,8 @@ async def clip_job(ctx: dict[str, Any], job_id: str, run: int) -> None:
         return
     if not isinstance(lease, Lease):
         return
+    # As it is now that this run holds it (the sweep may have marked it requeued meanwhile).
+    job = lease.job = await store.load(job_id) or job
     observability.job_id.set(job_id)
     observability.action_id.set(job.ouro.action_id)
     if time.time() >= runs_end_by(job.view.created_at, state.settings):
@@ -161,10 +163,9 @@ async def clip_job(ctx: dict[str, Any], job_id: str, run: int) -> None:
     except asyncio.CancelledError:
         # In a task of its own: before Python 3.11.3 (Debian 12 has 3.11.2), the asyncio.timeout
         # redis-py puts around reads raises CancelledError in a task being cancelled, so this
-        # task could not record the job's end.
-        if await asyncio.shield(_interrupted(store, job, lease, run, flusher)):
-            return
-        raise
+        # task could not record the job's end. The cancellation ends here: the job's next run,
+        # if it needs one, is already queued.
+        await asyncio.shield(_interrupted(store, job, lease, run, flusher))
     finally:
         await asyncio.shield(_quiet(flusher))
         await asyncio.shield(lease.stop())
@@ -262,16 +263,16 @@ def _result_deadline(settings: ClipSettings, job: StoredJob) -> float:
 
 async def _interrupted(
     store: Store, job: StoredJob, lease: Lease, run: int, flusher: asyncio.Task[None]
-) -> bool:
-    """Record a cancelled job's end (True), give an interrupted one's next run to the queue
-    (True), or let the cancellation go on when the job is not this run's any more (False)."""
+) -> None:
+    """Record a cancelled job's end, or queue an interrupted one's next run (a worker stopping),
+    unless the job is another run's now."""
     await _quiet(flusher)
     await lease.stop()
     if lease.lost:
-        return True
+        return
     if lease.cancelled or await store.cancel_requested(job.view.job_id):
         await _committed(fail(store, job, lease.token, Cancelled(CANCELLED), release=True), lease)
-        return True
+        return
     view = job.view
     view.status, view.stage, view.progress = JobStatus.queued, "requeued", 0.0
     await _committed(
@@ -280,7 +281,6 @@ async def _interrupted(
         ),
         lease,
     )
-    return True
 
 
 async def _flush_progress(store: Store, job: StoredJob, lease: Lease) -> None:
