@@ -10,6 +10,9 @@ lease, in Redis beside arq, says who runs it. A sweep (``sweeper``) enqueues the
 job whose lease lapsed; the old arq job, if arq ever starts it again, finds it is not the
 current run and returns at once.
 
+Deliveries (``deliver_webhook``) hold no lease: a worker killed during a webhook POST has that
+delivery tried again only when arq's in-progress mark lapses (the time limit + 15 s).
+
 Times: the lease lasts ``LEASE_SECONDS`` (20 s) and is renewed every ``RENEW_SECONDS`` (5 s):
 a live worker can miss three renewals in a row (a Redis blip, a stalled event loop) before its
 job is taken from it, and a dead worker's job is taken within the lease, the sweep interval
