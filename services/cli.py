@@ -20,13 +20,14 @@ from urllib.parse import urlsplit
 import httpx
 import uvicorn
 from fastapi import FastAPI
+from pydantic import ValidationError
 from pydantic_settings import BaseSettings
 
 from services.clip.app import create_app as create_clip_app
 from services.clip.canary import CANARY_SECONDS, CANARY_START, CanaryResult, run_canary
 from services.clip.fetch.gate import SourceGate
 from services.clip.fetch.source import extractor_args
-from services.clip.jobs.distributed import run_worker
+from services.clip.jobs.distributed.worker import run_worker
 from services.clip.jobs.model import ClipFacts, new_job_id
 from services.clip.jobs.runner import job_directory, run_job
 from services.clip.request import ClipSpec, build_spec, byte_budget
@@ -79,8 +80,16 @@ def write_openapi(directory: Path) -> list[Path]:
     return written
 
 
+def _one_line(error: ValidationError) -> str:
+    """A settings error as one line: what each failed check says."""
+    return "; ".join(str(e["msg"]).removeprefix("Value error, ") for e in error.errors())
+
+
 def _run_worker() -> None:
-    settings = ClipSettings()
+    try:
+        settings = ClipSettings()
+    except ValidationError as exc:
+        raise SystemExit(f"hermes-media worker: {_one_line(exc)}") from None
     if not settings.redis_url:
         raise SystemExit("hermes-media worker needs HERMES_REDIS_URL")
     configure_logging()
@@ -648,12 +657,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     configure_logging()
     chosen = [SERVICES[args.service]] if args.service else list(SERVICES.values())
-    servers = [
-        _server(
-            s,
-            args.host,
-            args.port if args.service and args.port else getattr(args, f"{s.name}_port"),
-        )
-        for s in chosen
-    ]
+    try:
+        servers = [
+            _server(
+                s,
+                args.host,
+                args.port if args.service and args.port else getattr(args, f"{s.name}_port"),
+            )
+            for s in chosen
+        ]
+    except ValidationError as exc:
+        raise SystemExit(f"hermes-media serve: {_one_line(exc)}") from None
     asyncio.run(_serve_all(servers))

@@ -352,14 +352,7 @@ def test_ten_minutes_fit_the_webhook_at_the_smallest_usual_height() -> None:
         select(smallest, 1080, seconds=1808, **budget)
 
 
-def test_results_kept_in_redis_cap_both_budgets() -> None:
-    embedded = ClipSettings(clip_max_output_bytes=1000, clip_max_file_bytes=5000)
-    assert byte_budget(embedded, webhook=True) == 1000
-    assert byte_budget(embedded, webhook=False) == 5000
-    in_redis = embedded.model_copy(
-        update={"redis_url": "redis://127.0.0.1:1", "clip_redis_result_max_bytes": 800}
-    )
-    assert byte_budget(in_redis, webhook=True) == 800
-    assert byte_budget(in_redis, webhook=False) == 800
-    stored = in_redis.model_copy(update={"clip_storage_url": "/srv/clips"})
-    assert byte_budget(stored, webhook=False) == 5000
+def test_each_delivery_has_its_own_budget() -> None:
+    settings = ClipSettings(clip_max_output_bytes=1000, clip_max_file_bytes=5000)
+    assert byte_budget(settings, webhook=True) == 1000
+    assert byte_budget(settings, webhook=False) == 5000

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import itertools
 import json
 import os
@@ -12,7 +14,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +23,14 @@ import pytest
 from standardwebhooks.webhooks import Webhook
 
 from services.clip.app import create_app
+from services.clip.jobs.distributed.records import Store, StoredJob, redis_connection
+from services.clip.jobs.model import queued_view
+from services.clip.request import build_spec
 from services.clip.settings import ClipSettings
+from services.common.ouro import OuroHeaders
 from tests.conftest import Media
 from tests.support.apps import client
+from tests.support.rangeserver import ThrottlePolicy
 from tests.support.receiver import Receiver, receiver
 from tests.support.redis import RedisServer, redis_server
 
@@ -49,6 +56,7 @@ class Cluster:
             "HERMES_ALLOW_PRIVATE_NETWORKS": "true",
             "HERMES_CLIP_EXTRA_SOURCE_HOSTS": self.media.host,
             "HERMES_CLIP_WORK_DIR": str(self.root / "work"),
+            "HERMES_CLIP_STORAGE_URL": str(self.root / "results"),
             "HERMES_CLIP_JOB_TIMEOUT_SECONDS": str(JOB_TIMEOUT),
             "HERMES_CLIP_RETRY_BACKOFF_SECONDS": "0.2",
             "HERMES_WEBHOOK_BACKOFF_SECONDS": "0.2",
@@ -67,6 +75,7 @@ class Cluster:
             allow_private_networks=True,
             clip_extra_source_hosts=self.media.host,
             clip_work_dir=self.root / "work",
+            clip_storage_url=str(self.root / "results"),
         )
 
     def start_worker(self, **extra: str) -> subprocess.Popen[bytes]:
@@ -107,9 +116,16 @@ def hook() -> Iterator[Receiver]:
 
 
 def ask(
-    api: httpx.Client, url: str, start: str, end: str, hook: Receiver, action: str = ""
+    api: httpx.Client,
+    url: str,
+    start: str,
+    end: str,
+    hook: Receiver,
+    action: str = "",
+    user: str | None = None,
 ) -> httpx.Response:
     headers = {
+        **({"ouro-user-id": user} if user else {}),
         "ouro-webhook-url": hook.url,
         "ouro-webhook-token": "tok",
         "ouro-action-id": action or uuid.uuid4().hex,
@@ -256,7 +272,7 @@ def test_timeout_ends_with_an_error_webhook(cluster: Cluster, hook: Receiver) ->
     cluster.start_worker(HERMES_CLIP_JOB_TIMEOUT_SECONDS="0.5")
     with client(create_app(cluster.settings())) as api:
         job = ask(api, cluster.media.url("s60.mp4"), "0:01", "0:55", hook).json()["job_id"]
-        [delivery] = hook.wait(1, timeout=30)
+        [delivery] = hook.wait(1, timeout=60)
         assert view(api, job)["error"]["code"] == "job_timeout"
     assert delivery.body["response"]["error"]["code"] == "job_timeout"
 
@@ -265,20 +281,186 @@ def wait_for_cutting(api: httpx.Client, job: str) -> None:
     wait_until(lambda: view(api, job)["stage"] == "cutting", timeout=30, every=0.02)
 
 
-def test_sigkill_mid_job_loses_nothing(cluster: Cluster, hook: Receiver) -> None:
-    first = cluster.start_worker()
+SLOW = ThrottlePolicy(max_fast_bytes=0, slow_rate=32 * 1024)
+DEFAULT_JOB_TIMEOUT = {"HERMES_CLIP_JOB_TIMEOUT_SECONDS": "600"}
+
+
+def runner_of(cluster: Cluster, job: str, run: int = 1) -> int:
+    """The index of the worker that took run ``run`` of ``job`` (arq logs each job it starts)."""
+    found: tuple[int] = wait_until(
+        lambda: next(
+            ((i,) for i in range(len(cluster.workers)) if f"{job}:r{run}" in cluster.log(i)), None
+        ),
+        timeout=60,
+    )
+    return found[0]
+
+
+def test_sigkill_mid_job_runs_again_within_a_minute(cluster: Cluster, hook: Receiver) -> None:
+    """With the default 600 s job time limit, a killed worker's job runs again on the other
+    worker within a minute (its lease lapses), and its webhook arrives once, under the job id."""
+    cluster.media.server.throttle = SLOW
+    cluster.start_worker(**DEFAULT_JOB_TIMEOUT)
+    cluster.start_worker(**DEFAULT_JOB_TIMEOUT)
     with client(create_app(cluster.settings())) as api:
-        job = ask(api, cluster.media.url("s60.mp4"), "0:01", "0:50", hook).json()["job_id"]
-        wait_for_cutting(api, job)
-        first.send_signal(signal.SIGKILL)
-        first.wait(timeout=10)
-        assert (cluster.root / "work" / job).exists(), "the dead job left its directory"
-        cluster.start_worker()
-        [delivery] = hook.wait(1, timeout=90)
+        job = ask(api, cluster.media.url("s60.mp4"), "0:01", "0:20", hook).json()["job_id"]
+        wait_until(lambda: view(api, job)["stage"] == "fetching", timeout=60, every=0.02)
+        first = runner_of(cluster, job)
+        cluster.workers[first].send_signal(signal.SIGKILL)
+        killed_at, killed_mono = time.time(), time.monotonic()
+        cluster.workers[first].wait(timeout=10)
+        cluster.media.server.throttle = None
+        second = wait_until(lambda: (v := view(api, job))["tries"] == 2 and v, timeout=60)
+        [delivery] = hook.wait(1, timeout=60)
         final = wait_until(lambda: (v := view(api, job))["webhook"] == "delivered" and v)
+        time.sleep(1)
+    print(
+        f"kill -> second start {second['started_at'] - killed_at:.1f} s, "
+        f"kill -> webhook {delivery.at - killed_mono:.1f} s"
+    )
+    assert second["started_at"] - killed_at < 60
+    assert delivery.at - killed_mono < 60
+    assert f"{job}:r2" in cluster.log(1 - first), "the other worker ran it again"
     assert delivery.body["status"] == "success"
+    assert delivery.headers["webhook-id"] == job
+    assert len(hook.deliveries) == 1
+    assert final["status"] == "succeeded"
     assert final["tries"] == 2
-    assert not (cluster.root / "work" / job).exists()
+    assert not list((cluster.root / "work").glob(f"{job}*")), "the run directories are gone"
+
+
+def test_a_stalled_worker_cannot_overwrite_the_run_that_took_its_job(
+    cluster: Cluster, hook: Receiver
+) -> None:
+    """SIGSTOP a worker mid-job: the other takes the job and finishes it; the first, woken up,
+    finds its fencing token stale and writes nothing: state, file and webhook stay the second's."""
+    cluster.media.server.throttle = SLOW
+    cluster.start_worker(**DEFAULT_JOB_TIMEOUT)
+    cluster.start_worker(**DEFAULT_JOB_TIMEOUT)
+    with client(create_app(cluster.settings())) as api:
+        job = ask(api, cluster.media.url("s60.mp4"), "0:01", "0:20", hook).json()["job_id"]
+        wait_until(lambda: view(api, job)["stage"] == "fetching", timeout=60, every=0.02)
+        stalled = runner_of(cluster, job)
+        cluster.workers[stalled].send_signal(signal.SIGSTOP)
+        cluster.media.server.throttle = None
+        [delivery] = hook.wait(1, timeout=60)
+        done = wait_until(lambda: (v := view(api, job))["webhook"] == "delivered" and v)
+        served = api.get(f"/jobs/{job}/file").content
+        cluster.workers[stalled].send_signal(signal.SIGCONT)
+        wait_until(lambda: "another run" in cluster.log(stalled), timeout=20)
+        time.sleep(2)
+        after = view(api, job)
+        served_after = api.get(f"/jobs/{job}/file").content
+    assert f"{job}:r2" in cluster.log(1 - stalled)
+    assert after == done
+    assert after["tries"] == 2
+    assert served_after == served
+    assert base64.b64decode(delivery.body["response"]["file"]["base64"]) == served
+    assert len(hook.deliveries) == 1
+    kept = [p.name for p in (cluster.root / "results").iterdir()]
+    assert len(kept) == 1, kept
+    assert kept[0].startswith(f"{job}-")
+    assert cluster.workers[stalled].poll() is None, "the woken worker carries on"
+
+
+def test_past_the_queued_cap_429_with_retry_after(cluster: Cluster, hook: Receiver) -> None:
+    """No worker runs: a caller's jobs wait. At the cap they are accepted, one past it gets
+    429 too_many_jobs with a Retry-After; another caller is not affected."""
+    settings = cluster.settings().model_copy(update={"clip_max_queued_per_caller": 3})
+    with client(create_app(settings)) as api:
+        url = cluster.media.url("s60.mp4")
+        accepted = [ask(api, url, "0:01", "0:02", hook, user="alice") for _ in range(3)]
+        refused = ask(api, url, "0:01", "0:02", hook, user="alice")
+        other = ask(api, url, "0:01", "0:02", hook, user="bob")
+        direct = api.post(
+            "/download-a-clip-from-youtube",
+            json={"youtube_url": url, "start_time": "1", "end_time": "2"},
+        )
+        cancelled = api.delete(f"/jobs/{accepted[0].json()['job_id']}")
+        again = ask(api, url, "0:01", "0:02", hook, user="alice")
+    assert [a.status_code for a in accepted] == [202, 202, 202]
+    assert refused.status_code == 429
+    assert refused.json()["error"]["code"] == "too_many_jobs"
+    assert 1 <= int(refused.headers["retry-after"]) <= settings.clip_deadline_seconds
+    assert other.status_code == 202
+    assert direct.status_code == 202
+    assert cancelled.status_code == 200
+    assert again.status_code == 202, "a job that ended frees its place"
+
+
+def test_another_callers_job_starts_before_the_first_callers_backlog(
+    cluster: Cluster, hook: Receiver
+) -> None:
+    """One running job per caller, two slots: alice's second and third jobs wait while bob's,
+    sent after them, starts at once; alice's jobs never run two at a time."""
+    cluster.media.server.throttle = SLOW
+    cluster.start_worker(HERMES_CLIP_CONCURRENCY="2", HERMES_CLIP_MAX_RUNNING_PER_CALLER="1")
+    with client(create_app(cluster.settings())) as api:
+        url = cluster.media.url("s60.mp4")
+        alice = [
+            ask(api, url, "0:01", "0:04", hook, user="alice").json()["job_id"] for _ in range(3)
+        ]
+        wait_until(lambda: view(api, alice[0])["status"] == "running", timeout=60)
+        time.sleep(0.5)
+        bob = ask(api, url, "0:01", "0:02", hook, user="bob").json()["job_id"]
+        wait_until(lambda: view(api, bob)["status"] != "queued", timeout=60)
+        waiting = [view(api, job)["status"] for job in alice[1:]]
+        cluster.media.server.throttle = None
+        hook.wait(4, timeout=90)
+        views = [
+            wait_until(lambda j=j: (v := view(api, j))["webhook"] == "delivered" and v)
+            for j in [*alice, bob]
+        ]
+    assert waiting == ["queued", "queued"]
+    assert all(v["status"] == "succeeded" for v in views)
+    first, second, third, bobs = views
+    assert bobs["started_at"] < second["started_at"]
+    assert second["started_at"] >= first["finished_at"]
+    assert third["started_at"] >= second["finished_at"]
+
+
+def test_a_job_past_its_deadline_fails_and_its_webhook_stops(
+    cluster: Cluster, hook: Receiver
+) -> None:
+    """A job accepted so long ago that its runs must have ended fails with deadline_exceeded
+    and an error webhook; a receiver that keeps failing is tried until the deadline, no later."""
+    hook.statuses = [500] * 1000
+    settings = cluster.settings()
+    cluster.start_worker()
+    wait_until(lambda: "Starting worker" in cluster.log(0), timeout=60)
+    left = 8.0
+    url = cluster.media.url("s60.mp4")
+    age = settings.clip_deadline_seconds - left
+    job = asyncio.run(_accepted_long_ago(settings, hook, url, age))
+    ends = time.monotonic() + left
+    with client(create_app(settings)) as api:
+        failed = wait_until(lambda: (v := view(api, job))["webhook"] == "failed" and v, timeout=60)
+    deliveries = list(hook.deliveries)
+    assert failed["status"] == "failed"
+    assert failed["error"]["code"] == "deadline_exceeded"
+    assert failed["tries"] == 0, "no run started after its runs had to end"
+    assert len(deliveries) >= 3
+    assert {d.body["response"]["error"]["code"] for d in deliveries} == {"deadline_exceeded"}
+    assert {d.headers["webhook-id"] for d in deliveries} == {job}
+    assert deliveries[-1].at < ends + 0.5
+
+
+async def _accepted_long_ago(settings: ClipSettings, hook: Receiver, url: str, age: float) -> str:
+    """A job as the API accepts it, but ``age`` seconds ago (the deadline cannot be set small:
+    it is at least 600 s)."""
+    redis = redis_connection(settings)
+    job_view = queued_view()
+    job_view.created_at -= age
+    spec = build_spec(
+        youtube_url=url, start_time="1", end_time="2", name=None,
+        extra_hosts=settings.clip_extra_source_hosts, max_seconds=settings.clip_max_seconds,
+        max_name_length=settings.clip_name_max_length, max_bytes=settings.clip_max_output_bytes,
+    )  # fmt: skip
+    ouro = OuroHeaders(action_id="a1", route_id="r1", webhook_url=hook.url, webhook_token="tok")
+    job = StoredJob(view=job_view, spec=asdict(spec), ouro=ouro, caller="user:old")
+    assert await Store(redis, settings).submit(job, None) == (1, "")
+    await redis.aclose()
+    return job_view.job_id
 
 
 def test_sigterm_lets_the_running_job_finish(cluster: Cluster, hook: Receiver) -> None:
@@ -346,7 +528,7 @@ def test_cancel_a_running_job(cluster: Cluster, hook: Receiver) -> None:
         [delivery] = hook.wait(1, timeout=30)
     assert cancelled["error"]["code"] == "cancelled"
     assert delivery.body["response"]["error"]["code"] == "cancelled"
-    assert not (cluster.root / "work" / job).exists()
+    assert not list((cluster.root / "work").glob(f"{job}*")), "the run directories are gone"
 
 
 def test_worker_removes_dead_jobs_directories_on_start(cluster: Cluster) -> None:

@@ -62,17 +62,19 @@ def test_readiness(tmp_path: Path) -> None:
             "youtube_yt_dlp_ejs": True,
         }
     unreachable = f"redis://127.0.0.1:{free_port()}/0"
-    with client(
-        create_clip_app(ClipSettings(redis_url=unreachable, clip_work_dir=tmp_path))
-    ) as api:
+    distributed = ClipSettings(
+        redis_url=unreachable, clip_work_dir=tmp_path, clip_storage_url=str(tmp_path / "results")
+    )
+    with client(create_clip_app(distributed)) as api:
         down = api.get("/readyz")
     assert down.status_code == 503
     assert down.json()["checks"] == {
         "ffmpeg": True,
         "redis": False,
         "worker_youtube_toolchain": False,
+        "storage": True,
     }
-    assert "HERMES_CLIP_STORAGE_URL" in down.json()["warnings"][0]
+    assert "warnings" not in down.json()
 
 
 def test_logs_are_json_lines_with_the_action_and_job_ids(

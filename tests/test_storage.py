@@ -13,6 +13,8 @@ import base64
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -20,13 +22,13 @@ from pathlib import Path
 
 import httpx
 import pytest
+from pydantic import ValidationError
 from standardwebhooks.webhooks import Webhook
 
 from services.clip.app import create_app
-from services.clip.errors import OutputTooLarge
-from services.clip.jobs.distributed import Store, StoredJob, redis_connection
+from services.clip.jobs.distributed.records import Store, StoredJob, redis_connection, webhook_of
 from services.clip.jobs.model import ClipFacts, JobStatus, WebhookState, queued_view
-from services.clip.jobs.storage import RedisStore, S3Store
+from services.clip.jobs.storage import S3Store
 from services.clip.settings import ClipSettings
 from services.common.ouro import OuroHeaders
 from tests.conftest import Media
@@ -93,11 +95,12 @@ def test_clip_in_s3_presigned_then_expired_and_deleted(
         job = ask(api, cluster.media.url("s60.mp4"), "0:01", "0:03", hook).json()["job_id"]
         [delivery] = hook.wait(1, timeout=60)
         done = wait_until(lambda: (v := view(api, job))["webhook"] == "delivered" and v)
-        assert s3.keys(bucket) == [f"results/{job}.mp4"]
+        [key] = s3.keys(bucket)
         answer = api.get(f"/jobs/{job}/file", follow_redirects=False)
         assert answer.status_code == 307
         location = answer.headers["location"]
-        assert location.startswith(f"{public}/{bucket}/results/{job}.mp4?")
+        assert key == f"results/{job}-1.mp4", "the key of the job's first run"
+        assert location.startswith(f"{public}/{bucket}/{key}?")
         fetched = httpx.get(location)
         ready = api.get("/readyz").json()
         wait_until(lambda: api.get(f"/jobs/{job}/file").status_code == 404, timeout=15)
@@ -134,68 +137,45 @@ def test_worker_killed_between_upload_and_state_update(
     cluster: Cluster, s3: S3Server, bucket: str, hook: Receiver
 ) -> None:
     """The upload reaches the bucket, the worker never hears back and dies: the job runs
-    again elsewhere, overwrites the same key, and the object is deleted when it expires."""
+    again elsewhere under a key of its own run, and both objects are deleted in time (the
+    dead run's as soon as the job ends, the result when it expires)."""
     with hold_proxy(s3.port) as proxy:
         proxy.hold.set()
         first = cluster.start_worker(**{**storage_env(s3, bucket), "AWS_ENDPOINT_URL": proxy.url})
         with client(create_app(s3_settings(cluster, bucket, clip_retention_seconds=2))) as api:
             job = ask(api, cluster.media.url("s60.mp4"), "0:01", "0:02", hook).json()["job_id"]
-            wait_until(lambda: s3.keys(bucket) == [f"results/{job}.mp4"], timeout=60)
+            wait_until(lambda: s3.keys(bucket) == [f"results/{job}-1.mp4"], timeout=60)
             assert view(api, job)["status"] == "running"
             first.send_signal(signal.SIGKILL)
             first.wait(timeout=10)
             cluster.start_worker(HERMES_CLIP_RETENTION_SECONDS="2", **storage_env(s3, bucket))
             [delivery] = hook.wait(1, timeout=90)
             final = wait_until(lambda: (v := view(api, job))["webhook"] == "delivered" and v)
-            assert s3.keys(bucket) == [f"results/{job}.mp4"]
+            answer = api.get(f"/jobs/{job}/file", follow_redirects=False)
+            served = httpx.get(answer.headers["location"])
             wait_until(lambda: s3.keys(bucket) == [], timeout=30)
     assert delivery.body["status"] == "success"
     assert final["status"] == "succeeded"
     assert final["tries"] == 2
+    assert served.status_code == 200
+    assert base64.b64decode(delivery.body["response"]["file"]["base64"]) == served.content
 
 
-def test_redis_results_over_the_cap_fail_with_output_too_large(
-    cluster: Cluster, hook: Receiver
-) -> None:
-    cluster.start_worker(HERMES_CLIP_REDIS_RESULT_MAX_BYTES="1000")
-    with client(create_app(cluster.settings())) as api:
-        job = ask(api, cluster.media.url("s60.mp4"), "0:01", "0:02", hook).json()["job_id"]
-        [delivery] = hook.wait(1, timeout=60)
-        failed = view(api, job)
-        ready = api.get("/readyz").json()
-    assert failed["status"] == "failed"
-    assert failed["error"]["code"] == "output_too_large"
-    assert "HERMES_CLIP_REDIS_RESULT_MAX_BYTES (1000)" in failed["error"]["message"]
-    assert delivery.body["response"]["error"]["code"] == "output_too_large"
-    assert ready["status"] == "ready"
-    assert any("HERMES_CLIP_STORAGE_URL" in warning for warning in ready["warnings"])
-    assert "object storage" in cluster.log(0)
-
-
-def test_redis_store_at_the_cap_and_one_past_it(tmp_path: Path) -> None:
-    async def run(url: str) -> tuple[bytes, str]:
-        settings = ClipSettings(redis_url=url, clip_queue_name=f"t:{uuid.uuid4().hex[:8]}")
-        redis = redis_connection(settings)
-        store = RedisStore(redis, settings.clip_queue_name, max_bytes=3 * MIB + 1, ttl_seconds=60)
-        at_cap = tmp_path / "at.mp4"
-        at_cap.write_bytes(os.urandom(3 * MIB + 1))
-        expected = at_cap.read_bytes()
-        await store.put("a" * 32, at_cap, "at.mp4")
-        read = b"".join([chunk async for chunk in store.chunks("a" * 32)])
-        past = tmp_path / "past.mp4"
-        past.write_bytes(os.urandom(3 * MIB + 2))
-        with pytest.raises(OutputTooLarge) as refused:
-            await store.put("b" * 32, past, "past.mp4")
-        assert await store.size("b" * 32) is None
-        assert not at_cap.exists()
-        assert not past.exists()
-        await redis.aclose()
-        assert read == expected
-        return read, refused.value.message
-
-    with redis_server(tmp_path / "redis") as redis:
-        _, message = asyncio.run(run(redis.url))
-    assert "HERMES_CLIP_REDIS_RESULT_MAX_BYTES" in message
+def test_distributed_mode_without_storage_fails_at_start(cluster: Cluster) -> None:
+    """Results are never kept in Redis: without HERMES_CLIP_STORAGE_URL a worker refuses to
+    start with one line, and so do the settings the API is made from."""
+    env = cluster.env()
+    del env["HERMES_CLIP_STORAGE_URL"]
+    started = subprocess.run(
+        [sys.executable, "-c", "from services.cli import main; main(['worker'])"],
+        env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    with pytest.raises(ValidationError, match="HERMES_CLIP_STORAGE_URL"):
+        ClipSettings(redis_url=cluster.redis.url)
+    assert started.returncode == 1
+    [line] = started.stderr.strip().splitlines()
+    assert line.startswith("hermes-media worker: distributed mode (HERMES_REDIS_URL) needs ")
+    assert "HERMES_CLIP_STORAGE_URL" in line
 
 
 def _kib(pid: int, field: str) -> int:
@@ -226,17 +206,16 @@ async def _succeeded_job(
         job_view.webhook = WebhookState.pending
     redis = redis_connection(settings)
     store = Store(redis, settings)
-    await store.save(
-        StoredJob(
-            view=job_view,
-            spec={},
-            ouro=ouro,
-            caller="address:127.0.0.1",
-            webhook_started_at=time.time(),
-        )
+    job = StoredJob(
+        view=job_view,
+        spec={},
+        ouro=ouro,
+        caller="address:127.0.0.1",
+        webhook_started_at=time.time(),
+        result_key=job_view.job_id,
     )
-    if ouro.webhook_url:
-        await store.enqueue("deliver_webhook", job_view.job_id, f"{job_view.job_id}:webhook")
+    enqueue = webhook_of(job_view.job_id) if ouro.webhook_url else None
+    assert await store.commit(job, 0, enqueue=enqueue)
     await redis.aclose()
     return job_view.job_id
 

@@ -141,6 +141,7 @@ def start_worker(
         HERMES_REDIS_URL=redis.url,
         HERMES_CLIP_QUEUE_NAME=queue,
         HERMES_CLIP_WORK_DIR=str(root / "work"),
+        HERMES_CLIP_STORAGE_URL=str(root / "results"),
         HERMES_WORKER_SHUTDOWN_GRACE_SECONDS="0",
         **extra,
     )
@@ -165,12 +166,22 @@ def wait_for(api: httpx.Client, status: int, timeout: float = 20) -> dict[str, b
 
 def test_api_is_ready_while_a_live_worker_passes(redis: RedisServer, tmp_path: Path) -> None:
     queue = f"hermes-test:{uuid.uuid4().hex[:8]}"
-    settings = ClipSettings(redis_url=redis.url, clip_queue_name=queue, clip_work_dir=tmp_path)
+    settings = ClipSettings(
+        redis_url=redis.url,
+        clip_queue_name=queue,
+        clip_work_dir=tmp_path,
+        clip_storage_url=str(tmp_path / "results"),
+    )
     workers = []
     try:
         with client(create_app(settings)) as api:
             checks = wait_for(api, 503)
-            assert checks == {"ffmpeg": True, "redis": True, "worker_youtube_toolchain": False}
+            assert checks == {
+                "ffmpeg": True,
+                "redis": True,
+                "worker_youtube_toolchain": False,
+                "storage": True,
+            }
             broken = start_worker(
                 redis, queue, tmp_path, "broken", HERMES_YTDLP_JS_RUNTIME="deno:/nowhere"
             )
@@ -213,6 +224,7 @@ def test_a_rate_limited_job_runs_again_after_the_cool_down(
             redis_url=redis.url,
             clip_queue_name=queue,
             clip_work_dir=tmp_path,
+            clip_storage_url=str(tmp_path / "results"),
             allow_private_networks=True,
             clip_extra_source_hosts=origin.host,
         )

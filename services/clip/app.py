@@ -22,7 +22,7 @@ from services.clip import canary
 from services.clip.canary import CanaryResult
 from services.clip.ffmpeg import ffmpeg_exe
 from services.clip.jobs.delivery import WebhookSender, webhook_client, webhook_sender
-from services.clip.jobs.distributed import ArqQueue
+from services.clip.jobs.distributed.api import ArqQueue
 from services.clip.jobs.embedded import EmbeddedQueue
 from services.clip.jobs.model import ClipFacts, ClipQueue, JobView
 from services.clip.jobs.runner import remove_stale_directories
@@ -37,10 +37,6 @@ from services.common.ouro import OuroHeaders, OutputFile
 logger = logging.getLogger(__name__)
 ROUTE = "/download-a-clip-from-youtube"
 LOCAL = "local"
-REDIS_RESULTS_WARNING = (
-    "Distributed mode keeps results in Redis (capped by HERMES_CLIP_REDIS_RESULT_MAX_BYTES): "
-    "set HERMES_CLIP_STORAGE_URL to object storage, which is how distributed mode is meant to run."
-)
 JobId = Annotated[str, Path(pattern=r"^[0-9a-f]{32}$", description="The job id from the 202.")]
 
 
@@ -112,8 +108,6 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         # The API runs no yt-dlp: the workers check their own toolchains and run the canary.
         arq_queue = await ArqQueue.connect(settings)
         queue, client, store = arq_queue, None, arq_queue.results
-        if settings.clip_storage_url is None:
-            logger.warning(REDIS_RESULTS_WARNING)
     else:
         remove_stale_directories(settings.clip_work_dir)
         client = webhook_client(settings)
@@ -159,13 +153,6 @@ async def _readiness(app: FastAPI) -> dict[str, bool]:
     return checks
 
 
-def _warnings(app: FastAPI) -> list[str]:
-    settings: ClipSettings = app.state.settings
-    if settings.redis_url and settings.clip_storage_url is None:
-        return [REDIS_RESULTS_WARNING]
-    return []
-
-
 async def _refresh_metrics(app: FastAPI) -> None:
     queue: ClipQueue | None = getattr(app.state, "queue", None)
     if queue is not None:
@@ -200,7 +187,6 @@ def create_app(settings: ClipSettings | None = None) -> FastAPI:
         description="Download a specific time range from a YouTube video as an MP4 clip.",
         lifespan=_lifespan,
         readiness=_readiness,
-        warnings=_warnings,
         refresh_metrics=_refresh_metrics,
     )
     app.state.settings = settings

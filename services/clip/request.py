@@ -212,9 +212,4 @@ def build_spec(
 def byte_budget(settings: ClipSettings, *, webhook: bool) -> int:
     """The largest MP4 a clip may be: what one webhook body carries, or, for a direct caller
     who reads it from /jobs/{id}/file, what the result store takes."""
-    budget = settings.clip_max_output_bytes if webhook else settings.clip_max_file_bytes
-    if settings.redis_url and settings.clip_storage_url is None:
-        # Distributed mode without object storage keeps results in Redis, up to its own cap.
-        cap = settings.clip_redis_result_max_bytes or settings.clip_max_output_bytes
-        budget = min(budget, cap)
-    return budget
+    return settings.clip_max_output_bytes if webhook else settings.clip_max_file_bytes

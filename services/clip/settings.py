@@ -6,11 +6,16 @@ import tempfile
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import AliasChoices, Field, field_validator
+from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import NoDecode
 
 from services.clip.fetch.ytdlp_cli import js_runtimes, parse_extractor_args
 from services.common.settings import CommonSettings
+
+DISTRIBUTED_NEEDS_STORAGE = (
+    "distributed mode (HERMES_REDIS_URL) needs HERMES_CLIP_STORAGE_URL: s3://bucket/prefix or "
+    "an absolute directory every API replica and worker mounts"
+)
 
 
 class ClipSettings(CommonSettings):
@@ -208,7 +213,8 @@ class ClipSettings(CommonSettings):
         default=None,
         description=(
             "Redis URL for distributed clip jobs: the API enqueues to arq and "
-            "`hermes-media worker` processes run them. Unset: jobs run inside the API."
+            "`hermes-media worker` processes run them; needs HERMES_CLIP_STORAGE_URL. Unset: "
+            "jobs run inside the API."
         ),
     )
     clip_queue_name: str = Field(
@@ -292,8 +298,8 @@ class ClipSettings(CommonSettings):
             "Where finished MP4s are kept: s3://bucket/prefix (endpoint, region and credentials "
             "from the usual AWS_* variables, e.g. AWS_ENDPOINT_URL for MinIO or R2), or an "
             "absolute directory (in distributed mode, one every replica and worker mounts). "
-            "Unset: each job's directory (embedded), or Redis (distributed, up to the limit "
-            "below; object storage is how distributed mode is meant to run)."
+            "Required in distributed mode (results are never kept in Redis); unset in the "
+            "embedded mode: each job's own directory."
         ),
     )
     clip_storage_public_endpoint: str | None = Field(
@@ -301,14 +307,6 @@ class ClipSettings(CommonSettings):
         description=(
             "The object store's address as callers reach it, when it differs from "
             "AWS_ENDPOINT_URL inside the deployment: presigned download URLs are made for it."
-        ),
-    )
-    clip_redis_result_max_bytes: int | None = Field(
-        default=None,
-        gt=0,
-        description=(
-            "Distributed mode without object storage: largest MP4 kept in Redis (the job fails "
-            "with output_too_large past it). Unset: HERMES_CLIP_MAX_OUTPUT_BYTES."
         ),
     )
 
@@ -325,6 +323,12 @@ class ClipSettings(CommonSettings):
         if "://" in value or not Path(value).is_absolute():
             raise ValueError("the storage URL must be s3://bucket/prefix or an absolute directory")
         return value
+
+    @model_validator(mode="after")
+    def _check_distributed_storage(self) -> ClipSettings:
+        if self.redis_url and self.clip_storage_url is None:
+            raise ValueError(DISTRIBUTED_NEEDS_STORAGE)
+        return self
 
     @field_validator("clip_extra_source_hosts", mode="before")
     @classmethod

@@ -39,12 +39,13 @@ def job_directory(root: Path, job_id: str) -> Iterator[Path]:
         yield directory
 
 
-def remove_stale_directories(root: Path) -> list[str]:
-    """Remove job directories no running process holds the lock of (dead jobs' leftovers)."""
+def remove_stale_directories(root: Path, prefix: str = "") -> list[str]:
+    """Remove job directories (those whose names start with ``prefix``) no running process
+    holds the lock of (dead jobs' leftovers)."""
     removed: list[str] = []
     if not root.exists():
         return removed
-    for directory in root.iterdir():
+    for directory in root.glob(f"{prefix}*"):
         lock_path = directory / LOCK_FILE
         if not directory.is_dir():
             continue

@@ -1,4 +1,4 @@
-"""Where finished clips are kept: one small interface, three places, nothing read whole.
+"""Where finished clips are kept: one small interface, two places, nothing read whole.
 
 - ``LocalStore``: a directory; the embedded default is each job's own directory under the work
   directory (a result stays where it was made). Downloads are streamed from the file.
@@ -6,10 +6,12 @@
   uploads are multipart past one part, downloads are presigned URLs. boto3 was chosen by
   measurement (docs/benchmarks-storage.md): the lowest peak memory while uploading and
   streaming of the three candidates, at the same speed.
-- ``RedisStore``: distributed mode without object storage, as before, but capped: a larger
-  result fails with ``output_too_large`` naming the setting. Written and read in chunks.
 
-A result is keyed by its job id. ``put`` consumes the file it is given (moved or deleted).
+Distributed mode needs one of them configured (S3 or a directory every replica and worker
+mounts): results are never kept in Redis.
+
+A result is keyed by its job id (embedded) or by its run's own key (distributed). ``put``
+consumes the file it is given (moved or deleted).
 """
 
 from __future__ import annotations
@@ -20,18 +22,13 @@ import shutil
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 from botocore.exceptions import BotoCoreError, ClientError
-from redis.exceptions import RedisError
 
-from services.clip.errors import OutputTooLarge
 from services.clip.settings import ClipSettings
 from services.common.errors import Unavailable
-
-if TYPE_CHECKING:
-    from redis.asyncio import Redis
 
 CLIP_FILE = "clip.mp4"
 CHUNK = 1024 * 1024
@@ -39,7 +36,6 @@ CHUNK = 1024 * 1024
 PART = 8 * 1024 * 1024
 PARTS_AT_ONCE = 2
 MIME = "video/mp4"
-REDIS_CAP_SETTING = "HERMES_CLIP_REDIS_RESULT_MAX_BYTES"
 
 
 class StorageUnavailable(Unavailable):
@@ -198,90 +194,22 @@ class S3Store:
         return True
 
 
-@dataclass(frozen=True)
-class RedisStore:
-    """Results as Redis strings, written with APPEND to a side key and renamed when whole."""
-
-    redis: Redis
-    prefix: str
-    max_bytes: int
-    ttl_seconds: int
-
-    def _key(self, job_id: str) -> str:
-        return f"{self.prefix}:file:{job_id}"
-
-    async def put(self, job_id: str, source: Path, filename: str) -> None:
-        size = (await asyncio.to_thread(source.stat)).st_size
-        if size > self.max_bytes:
-            await asyncio.to_thread(source.unlink)
-            raise OutputTooLarge(
-                f"The clip is {size} bytes, over {REDIS_CAP_SETTING} ({self.max_bytes}) for "
-                "results kept in Redis; choose a shorter range, or have the operator set "
-                "HERMES_CLIP_STORAGE_URL to object storage."
-            )
-        partial = f"{self._key(job_id)}:partial"
-        try:
-            await self.redis.delete(partial)
-            with source.open("rb") as file:
-                while chunk := await asyncio.to_thread(file.read, CHUNK):
-                    await self.redis.append(partial, chunk)
-            await self.redis.expire(partial, self.ttl_seconds)
-            if size == 0:
-                await self.redis.set(partial, b"", ex=self.ttl_seconds)
-            await self.redis.rename(partial, self._key(job_id))
-        except (RedisError, OSError) as exc:
-            raise StorageUnavailable("Redis could not take the result.") from exc
-        await asyncio.to_thread(source.unlink)
-
-    async def size(self, job_id: str) -> int | None:
-        key = self._key(job_id)
-        if not await self.redis.exists(key):
-            return None
-        return int(await self.redis.strlen(key))
-
-    async def chunks(self, job_id: str) -> AsyncIterator[bytes]:
-        key, offset = self._key(job_id), 0
-        while chunk := await self.redis.getrange(key, offset, offset + CHUNK - 1):
-            yield bytes(chunk)
-            offset += len(chunk)
-
-    async def presign(self, job_id: str, expires_in: float) -> str | None:
-        return None
-
-    async def delete(self, job_id: str) -> None:
-        await self.redis.delete(self._key(job_id))
-
-    async def ping(self) -> bool:
-        try:
-            return bool(await self.redis.ping())
-        except (RedisError, OSError):
-            return False
-
-
 def parse_s3_url(url: str) -> tuple[str, str]:
     parts = urlsplit(url)
     return parts.netloc, parts.path.strip("/")
 
 
-def open_store(settings: ClipSettings, redis: Redis | None = None) -> ResultStore:
-    """The store ``HERMES_CLIP_STORAGE_URL`` names; without one, Redis when given, else local."""
+def open_store(settings: ClipSettings) -> ResultStore:
+    """The store ``HERMES_CLIP_STORAGE_URL`` names; without one (embedded), the work directory."""
     url = settings.clip_storage_url
     if url is not None and url.startswith("s3://"):
         bucket, prefix = parse_s3_url(url)
         return S3Store(bucket, prefix, settings.clip_storage_public_endpoint)
     if url is not None:
         return LocalStore(Path(url))
-    if redis is not None:
-        return RedisStore(
-            redis,
-            settings.clip_queue_name,
-            settings.clip_redis_result_max_bytes or settings.clip_max_output_bytes,
-            result_lifetime(settings),
-        )
     return LocalStore(settings.clip_work_dir)
 
 
 def result_lifetime(settings: ClipSettings) -> int:
-    """Longest a result can be needed: a late retry, its webhook window, then retention."""
-    s = settings
-    return int(s.clip_job_timeout_seconds + s.webhook_window_seconds + s.clip_retention_seconds)
+    """Longest a result can be needed: its job's deadline (webhook included), then retention."""
+    return int(settings.clip_deadline_seconds + settings.clip_retention_seconds)
