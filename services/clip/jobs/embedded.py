@@ -8,7 +8,8 @@ and answers for finished jobs and their files until retention ends.
 The ``clip_concurrency`` slots are shared fairly: a caller has at most
 ``clip_max_running_per_caller`` jobs running and ``clip_max_queued_per_caller`` waiting or
 running (past it, 429 with an estimate of when one of theirs ends); a free slot goes to the
-caller with the fewest jobs running, oldest job first. Every job ends within its deadline:
+caller with the fewest jobs running, then to the one served longest ago, each caller's oldest
+job first. Every job ends within its deadline:
 one still waiting when its runs must end fails with deadline_exceeded.
 """
 
@@ -92,6 +93,9 @@ class EmbeddedQueue:
     _keys: dict[str, str] = field(default_factory=dict)
     _waiting: dict[str, deque[_Job]] = field(default_factory=dict)
     _running: Counter[str] = field(default_factory=Counter)
+    # When each caller last got a slot (a count of slots given), for round-robin among callers.
+    _served: dict[str, int] = field(default_factory=dict)
+    _turns: int = 0
     _run_estimate: float = FIRST_RUN_ESTIMATE_SECONDS
     _closing: bool = False
     gate: SourceGate = field(init=False)
@@ -294,7 +298,8 @@ class EmbeddedQueue:
                     del self._waiting[job.caller]
 
     def _schedule(self) -> None:
-        """Give free slots to the waiting callers with the fewest jobs running, oldest first."""
+        """Give free slots to waiting callers: fewest jobs running first, then the one served
+        longest ago (round-robin), each caller's oldest job first."""
         while sum(self._running.values()) < self.settings.clip_concurrency:
             heads = [
                 line[0]
@@ -303,7 +308,12 @@ class EmbeddedQueue:
             ]
             if not heads:
                 return
-            job = min(heads, key=lambda j: (self._running[j.caller], j.view.created_at))
+            job = min(
+                heads,
+                key=lambda j: (
+                    self._running[j.caller], self._served.get(j.caller, 0), j.view.created_at
+                ),
+            )  # fmt: skip
             line = self._waiting[job.caller]
             line.popleft()
             if not line:
@@ -313,6 +323,8 @@ class EmbeddedQueue:
                 continue
             job.holds_slot = True
             self._running[job.caller] += 1
+            self._turns += 1
+            self._served[job.caller] = self._turns
             job.turn.set_result(None)
 
     def _release(self, job: _Job) -> None:
@@ -322,6 +334,9 @@ class EmbeddedQueue:
         self._running[job.caller] -= 1
         if self._running[job.caller] <= 0:
             del self._running[job.caller]
+            if job.caller not in self._waiting:
+                # A caller with nothing left is forgotten: back later, it is served first.
+                self._served.pop(job.caller, None)
         if job.view.started_at is not None and job.view.status is JobStatus.succeeded:
             took = time.time() - job.view.started_at
             self._run_estimate += RUN_ESTIMATE_WEIGHT * (took - self._run_estimate)
