@@ -214,16 +214,18 @@ def test_fair_share_per_caller(media: Media, tmp_path: Path, hook: Receiver) -> 
         clip_max_queued_per_caller=3,
     )
     url = media.url("s60.mp4")
-    media.server.throttle = ThrottlePolicy(max_fast_bytes=0, slow_rate=48 * 1024)
+    media.server.throttle = ThrottlePolicy(max_fast_bytes=0, slow_rate=128 * 1024)
     with client(create_app(settings)) as api:
 
-        def submit(user: str) -> httpx.Response:
-            return ask(api, url, "0:01", "0:03", hook, action=uuid.uuid4().hex, user=user)
+        def submit(user: str, end: str = "0:03") -> httpx.Response:
+            return ask(api, url, "0:01", end, hook, action=uuid.uuid4().hex, user=user)
 
         a = [submit("a").json()["job_id"] for _ in range(3)]
         refused = submit("a")
-        b1 = submit("b").json()["job_id"]
+        # Longer, so a's first job ends first and a and c both have none running then.
+        b1 = submit("b", "0:12").json()["job_id"]
         c1 = submit("c").json()["job_id"]
+        wait_until(lambda: view(api, b1)["status"] == "running", 10)
         states = {j: view(api, j)["status"] for j in (*a, b1, c1)}
         wait_until(lambda: all(view(api, j)["status"] == "succeeded" for j in states), 90)
         ends = {j: view(api, j) for j in states}
