@@ -313,6 +313,7 @@ def test_jobs_end_within_the_deadline(media: Media, tmp_path: Path, hook: Receiv
         with client(create_app(deadline_settings(media, work))) as api:
             began = time.time()
             by_id = hook.wait(1, timeout=30)
+            wait_until(lambda: view(api, due.view.job_id)["webhook"] != "pending", 10)
             ended = {j: view(api, j) for j in (due.view.job_id, late.view.job_id)}
             wait_until(lambda: view(api, failed.view.job_id)["webhook"] == "failed", 10)
             given_up = time.time()
