@@ -356,6 +356,33 @@ def test_a_running_job_is_stopped_at_its_deadline(
     assert found["finished_at"] == pytest.approx(due.view.created_at + 300, abs=0.5)
 
 
+def test_a_job_the_process_keeps_dying_under_is_not_run_again(
+    media: Media, tmp_path: Path, hook: Receiver
+) -> None:
+    work = tmp_path / "work"
+    settings = deadline_settings(media, work)
+    running: dict[str, Any] = {
+        "status": JobStatus.running,
+        "stage": "fetching",
+        "started_at": time.time() - 5,
+    }
+    poison = left_behind(media, "0:01", "0:02", hook, age=10, tries=settings.clip_max_tries,
+                         **running)  # fmt: skip
+    once = left_behind(media, "0:01", "0:02", hook, age=9, tries=settings.clip_max_tries - 1,
+                       **running)  # fmt: skip
+    write_jobs(work, poison, once)
+    with client(create_app(settings)) as api:
+        deliveries = hook.wait(2, timeout=60)
+        wait_until(lambda: view(api, once.view.job_id)["webhook"] == "delivered", 10)
+        ended = {j: view(api, j) for j in (poison.view.job_id, once.view.job_id)}
+    assert ended[poison.view.job_id]["error"]["code"] == "job_interrupted"
+    assert ended[poison.view.job_id]["tries"] == settings.clip_max_tries
+    assert ended[once.view.job_id]["status"] == "succeeded"
+    assert ended[once.view.job_id]["tries"] == settings.clip_max_tries
+    codes = {d.headers["webhook-id"]: d.body["status"] for d in deliveries}
+    assert codes == {poison.view.job_id: "error", once.view.job_id: "success"}
+
+
 # --- the database and the work directory ----------------------------------------------------
 
 

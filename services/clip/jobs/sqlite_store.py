@@ -153,6 +153,7 @@ def _open(work_dir: Path) -> tuple[sqlite3.Connection, IO[str]]:
             f"The clip job database {path} cannot be used ({exc}); move it away to start "
             "with an empty queue (the jobs in it are then forgotten)."
         ) from exc
+    # Rows hold webhook tokens; SQLite gives its -wal and -shm files the same mode.
     os.chmod(path, 0o600)
     return connection, lock
 
