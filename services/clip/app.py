@@ -25,7 +25,7 @@ from services.clip.jobs.delivery import WebhookSender, webhook_client, webhook_s
 from services.clip.jobs.distributed.api import ArqQueue
 from services.clip.jobs.embedded import EmbeddedQueue
 from services.clip.jobs.model import ClipFacts, ClipQueue, JobView
-from services.clip.jobs.runner import remove_stale_directories
+from services.clip.jobs.sqlite_store import JobDatabase
 from services.clip.jobs.storage import ResultStore, content_disposition, open_store
 from services.clip.request import build_spec, byte_budget
 from services.clip.settings import ClipSettings
@@ -109,11 +109,13 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         arq_queue = await ArqQueue.connect(settings)
         queue, client, store = arq_queue, None, arq_queue.results
     else:
-        remove_stale_directories(settings.clip_work_dir)
+        # First, so a second process on the same work directory stops before touching it.
+        jobs = await JobDatabase.open(settings.clip_work_dir)
         client = webhook_client(settings)
         app.state.sender = webhook_sender(settings, client)
         store = open_store(settings)
-        embedded = EmbeddedQueue(settings, app.state.sender, store)
+        embedded = EmbeddedQueue(settings, app.state.sender, store, jobs)
+        await embedded.start()
         queue = embedded
         app.state.toolchain = ToolchainStatus(settings)
         await app.state.toolchain.current()

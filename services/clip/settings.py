@@ -121,7 +121,9 @@ class ClipSettings(CommonSettings):
         default_factory=lambda: Path(tempfile.gettempdir()) / "hermes-clip",
         description=(
             "Where each job's own directory of temporary files is made "
-            "(default: hermes-clip in the system's temporary directory)."
+            "(default: hermes-clip in the system's temporary directory). Embedded mode also "
+            "keeps its jobs there (jobs.sqlite3) and finished MP4s without a storage URL: "
+            "put it on a lasting disk to keep them across reboots. One process per directory."
         ),
     )
     clip_max_range_bytes: int = Field(

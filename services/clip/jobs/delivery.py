@@ -181,10 +181,25 @@ class WebhookSender:
         return Outcome.retry if response.status_code >= 500 else Outcome.refused
 
     async def deliver(
-        self, url: str, body: Payload, *, token: str | None, delivery_id: str
+        self,
+        url: str,
+        body: Payload,
+        *,
+        token: str | None,
+        delivery_id: str,
+        ends_by: float | None = None,
     ) -> bool:
-        """Attempt until delivered, refused, or the window closes (the embedded queue's way)."""
-        closes = time.monotonic() + self.window_seconds
+        """Attempt until delivered, refused, or the window closes (the embedded queue's way).
+
+        ``ends_by`` (wall-clock time, the job's ``deliveries_end_by``) closes the window sooner.
+        """
+        window = self.window_seconds
+        if ends_by is not None:
+            window = min(window, ends_by - time.time())
+            if window <= 0:
+                logger.warning("webhook %s: past the job's deadline, not sent", delivery_id)
+                return False
+        closes = time.monotonic() + window
         attempt = 1
         while True:
             outcome = await self.attempt(url, body, token=token, delivery_id=delivery_id)

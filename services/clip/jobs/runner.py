@@ -7,7 +7,7 @@ import contextlib
 import fcntl
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 
 from services.clip.errors import ClipFailed
@@ -39,15 +39,18 @@ def job_directory(root: Path, job_id: str) -> Iterator[Path]:
         yield directory
 
 
-def remove_stale_directories(root: Path, prefix: str = "") -> list[str]:
+def remove_stale_directories(root: Path, prefix: str = "", keep: Collection[str] = ()) -> list[str]:
     """Remove job directories (those whose names start with ``prefix``) no running process
-    holds the lock of (dead jobs' leftovers)."""
+    holds the lock of (dead jobs' leftovers).
+
+    Directories named in ``keep`` (jobs whose results are kept in them) stay.
+    """
     removed: list[str] = []
     if not root.exists():
         return removed
     for directory in root.glob(f"{prefix}*"):
         lock_path = directory / LOCK_FILE
-        if not directory.is_dir():
+        if not directory.is_dir() or directory.name in keep:
             continue
         try:
             with lock_path.open("a") as lock:
