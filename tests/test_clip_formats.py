@@ -212,7 +212,9 @@ def test_a_long_clip_fits_at_the_smallest_and_not_one_byte_under(
     assert_frame_exact(data, smallest, container, LONG, tmp_path)
 
     origin.server.reset()
-    view, _ = clip(settings_for(origin, tmp_path, **{setting: limit - 1}), url, LONG, caller)
+    # Another work directory: the first job's action id is kept across the restart in this one.
+    again = settings_for(origin, tmp_path / "again", **{setting: limit - 1})
+    view, _ = clip(again, url, LONG, caller)
     assert view["error"]["code"] == "output_too_large"
     assert media_requests(origin.server) == []
 
