@@ -55,8 +55,7 @@ class ClipSettings(CommonSettings):
             "Byte budget of a clip for a direct caller (no webhook; read from "
             "/jobs/{id}/file): the tallest format whose expected size fits is taken; a clip "
             "over it fails with output_too_large. The span fetched is about as large, so keep "
-            "it under HERMES_CLIP_MAX_JOB_DISK_BYTES; in distributed mode without object "
-            "storage, the Redis result limit caps it."
+            "it under HERMES_CLIP_MAX_JOB_DISK_BYTES."
         ),
     )
     clip_max_job_disk_bytes: int = Field(
