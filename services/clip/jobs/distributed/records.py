@@ -229,12 +229,13 @@ return token
 """
 )
 
-# 1 renewed, 0 the lease is someone else's now, 2 renewed but a cancel was asked for.
-# KEYS: token, cancel, lease sets... ARGV: token, job id, lease until
+# 1 renewed, 0 the lease is someone else's now, 2 renewed but a cancel was asked for (only
+# a run stops for one: a finished job's webhook goes out whatever is asked).
+# KEYS: token, cancel, lease sets... ARGV: token, job id, lease until, cancellable
 RENEW = """
 if (redis.call('GET', KEYS[1]) or '0') ~= ARGV[1] then return 0 end
 for i = 3, #KEYS do redis.call('ZADD', KEYS[i], ARGV[3], ARGV[2]) end
-if redis.call('EXISTS', KEYS[2]) == 1 then return 2 end
+if ARGV[4] == '1' and redis.call('EXISTS', KEYS[2]) == 1 then return 2 end
 return 1
 """
 
@@ -419,11 +420,9 @@ class Store:
 
     async def renew(self, job: StoredJob, kind: Kind, token: int, lease_until: float) -> int:
         job_id = job.view.job_id
-        # A cancel stops a run; a finished job's webhook goes out whatever is asked.
-        cancel = self.key("cancel", job_id) if kind == "run" else ""
-        keys = [self.key("token", job_id), cancel, *self.held(kind, job)]
-        result = await self._script(RENEW, keys, [token, job_id, lease_until])
-        return int(result)
+        keys = [self.key("token", job_id), self.key("cancel", job_id), *self.held(kind, job)]
+        args = [token, job_id, lease_until, int(kind == "run")]
+        return int(await self._script(RENEW, keys, args))
 
     async def next_run(
         self, job: StoredJob, number: int, *, lapsed: bool, defer: float, kind: Kind = "run"
