@@ -20,11 +20,14 @@ from typing import Any
 
 import httpx
 import pytest
+from arq.constants import in_progress_key_prefix
 from standardwebhooks.webhooks import Webhook
 
 from services.clip.app import create_app
-from services.clip.jobs.distributed.records import Store, StoredJob, redis_connection
-from services.clip.jobs.model import queued_view
+from services.clip.jobs.distributed.lease import LEASE_SECONDS, Lease
+from services.clip.jobs.distributed.records import Store, StoredJob, end, redis_connection
+from services.clip.jobs.distributed.sweeper import take_back_unstarted
+from services.clip.jobs.model import JobStatus, queued_view
 from services.clip.request import build_spec
 from services.clip.settings import ClipSettings
 from services.common.ouro import OuroHeaders
@@ -285,12 +288,11 @@ SLOW = ThrottlePolicy(max_fast_bytes=0, slow_rate=32 * 1024)
 DEFAULT_JOB_TIMEOUT = {"HERMES_CLIP_JOB_TIMEOUT_SECONDS": "600"}
 
 
-def runner_of(cluster: Cluster, job: str, run: int = 1) -> int:
-    """The index of the worker that took run ``run`` of ``job`` (arq logs each job it starts)."""
+def runner_of(cluster: Cluster, arq_id: str) -> int:
+    """The index of the worker that started the arq job ``arq_id`` (``<job>:r<run>`` or
+    ``<job>:w<attempt>``; arq logs each job it starts)."""
     found: tuple[int] = wait_until(
-        lambda: next(
-            ((i,) for i in range(len(cluster.workers)) if f"{job}:r{run}" in cluster.log(i)), None
-        ),
+        lambda: next(((i,) for i in range(len(cluster.workers)) if arq_id in cluster.log(i)), None),
         timeout=60,
     )
     return found[0]
@@ -305,7 +307,7 @@ def test_sigkill_mid_job_runs_again_within_a_minute(cluster: Cluster, hook: Rece
     with client(create_app(cluster.settings())) as api:
         job = ask(api, cluster.media.url("s60.mp4"), "0:01", "0:20", hook).json()["job_id"]
         wait_until(lambda: view(api, job)["stage"] == "fetching", timeout=60, every=0.02)
-        first = runner_of(cluster, job)
+        first = runner_of(cluster, f"{job}:r1")
         cluster.workers[first].send_signal(signal.SIGKILL)
         killed_at, killed_mono = time.time(), time.monotonic()
         cluster.workers[first].wait(timeout=10)
@@ -329,6 +331,84 @@ def test_sigkill_mid_job_runs_again_within_a_minute(cluster: Cluster, hook: Rece
     assert not list((cluster.root / "work").glob(f"{job}*")), "the run directories are gone"
 
 
+# Longer than a kill takes, shorter than the delivery's recovery: the receiver's thread is done
+# before the second delivery comes (the receiver waits for its threads when it closes).
+HELD_SECONDS = 12.0
+
+
+def test_sigkill_mid_webhook_post_is_delivered_by_the_other_worker_within_a_minute(
+    cluster: Cluster, hook: Receiver
+) -> None:
+    """The receiver holds the first webhook POST open and its sender is SIGKILLed mid-POST: with
+    the default 600 s job time limit, the other worker sends it within a minute (its delivery
+    lease lapses), with the same webhook-id and body, and the job says delivered."""
+    hook.delays = [HELD_SECONDS]
+    env = {**DEFAULT_JOB_TIMEOUT, "HERMES_WEBHOOK_TIMEOUT_SECONDS": "60"}
+    cluster.start_worker(**env)
+    cluster.start_worker(**env)
+    with client(create_app(cluster.settings())) as api:
+        job = ask(api, cluster.media.url("s60.mp4"), "0:01", "0:02", hook).json()["job_id"]
+        [first] = hook.wait(1, timeout=60)
+        sender = runner_of(cluster, f"{job}:w1")
+        assert view(api, job)["webhook"] == "pending", "the POST is still held open"
+        cluster.workers[sender].send_signal(signal.SIGKILL)
+        killed = time.monotonic()
+        cluster.workers[sender].wait(timeout=10)
+        second = hook.wait(2, timeout=60)[1]
+        final = wait_until(lambda: (v := view(api, job))["webhook"] == "delivered" and v)
+        time.sleep(1)
+    print(f"kill -> webhook from the other worker {second.at - killed:.1f} s")
+    assert second.at - killed < 60
+    assert f"{job}:w2" in cluster.log(1 - sender), "the other worker sent it again"
+    assert first.headers["webhook-id"] == second.headers["webhook-id"] == job
+    assert second.body == first.body
+    assert second.body["status"] == "success"
+    assert len(hook.deliveries) == 2
+    assert final["status"] == "succeeded"
+    assert final["tries"] == 1, "a delivery's recovery never repeats the clip"
+
+
+def test_a_run_or_delivery_picked_and_never_leased_is_taken_back(cluster: Cluster) -> None:
+    """A worker that dies between arq handing it a run (or delivery attempt) and the lease
+    leaves arq's in-progress mark and no lease: after a lease's time the sweep queues the next
+    one, which alone may take the job. A run still waiting in the queue (no mark), and one that
+    took its lease, are left alone."""
+    asyncio.run(_picked_and_never_leased(cluster.settings(), cluster.media.url("s60.mp4")))
+
+
+async def _picked_and_never_leased(settings: ClipSettings, url: str) -> None:
+    redis = redis_connection(settings)
+    store = Store(redis, settings)
+    waiting, picked, started, delivering = [
+        await _submitted(store, url, "http://127.0.0.1:9/hook") for _ in range(4)
+    ]
+    ended = delivering.view
+    ended.status, ended.finished_at = JobStatus.failed, time.time()
+    assert await end(store, delivering, await store.fence(ended.job_id))
+    dead = [f"{picked.view.job_id}:r1", f"{started.view.job_id}:r1", f"{ended.job_id}:w1"]
+    for arq_id in dead:  # as a worker marks a job it picks
+        await redis.psetex(in_progress_key_prefix + arq_id, 615_000, b"1")
+    assert isinstance(await Lease.take(store, started, "run", 1), Lease)
+    now = time.time()
+    await take_back_unstarted(store, now)
+    await take_back_unstarted(store, now + LEASE_SECONDS - 0.5)
+    runs = [await store.current(job.view.job_id) for job in (waiting, picked, started)]
+    assert runs == [1, 1, 1]
+    assert await store.current(ended.job_id, "delivery") == 1
+    await take_back_unstarted(store, now + LEASE_SECONDS + 0.5)
+    runs = [await store.current(job.view.job_id) for job in (waiting, picked, started)]
+    assert runs == [1, 2, 1]
+    assert await store.current(ended.job_id, "delivery") == 2
+    queued = {arq_id.decode() for arq_id in await redis.zrange(settings.clip_queue_name, 0, -1)}
+    assert {f"{picked.view.job_id}:r2", f"{ended.job_id}:w2"} <= queued
+    # The picked ones, should arq ever start them, are no longer theirs to take.
+    assert await Lease.take(store, picked, "run", 1) == -1
+    assert await Lease.take(store, delivering, "delivery", 1) == -1
+    assert isinstance(await Lease.take(store, picked, "run", 2), Lease)
+    assert isinstance(await Lease.take(store, delivering, "delivery", 2), Lease)
+    await redis.aclose()
+
+
 def test_a_stalled_worker_cannot_overwrite_the_run_that_took_its_job(
     cluster: Cluster, hook: Receiver
 ) -> None:
@@ -340,7 +420,7 @@ def test_a_stalled_worker_cannot_overwrite_the_run_that_took_its_job(
     with client(create_app(cluster.settings())) as api:
         job = ask(api, cluster.media.url("s60.mp4"), "0:01", "0:20", hook).json()["job_id"]
         wait_until(lambda: view(api, job)["stage"] == "fetching", timeout=60, every=0.02)
-        stalled = runner_of(cluster, job)
+        stalled = runner_of(cluster, f"{job}:r1")
         cluster.workers[stalled].send_signal(signal.SIGSTOP)
         cluster.media.server.throttle = None
         [delivery] = hook.wait(1, timeout=60)
@@ -449,6 +529,14 @@ async def _accepted_long_ago(settings: ClipSettings, hook: Receiver, url: str, a
     """A job as the API accepts it, but ``age`` seconds ago (the deadline cannot be set small:
     it is at least 600 s)."""
     redis = redis_connection(settings)
+    job = await _submitted(Store(redis, settings), url, hook.url, age)
+    await redis.aclose()
+    return job.view.job_id
+
+
+async def _submitted(store: Store, url: str, webhook_url: str, age: float = 0.0) -> StoredJob:
+    """A job as the API accepts it, ``age`` seconds ago."""
+    settings = store.settings
     job_view = queued_view()
     job_view.created_at -= age
     spec = build_spec(
@@ -456,11 +544,10 @@ async def _accepted_long_ago(settings: ClipSettings, hook: Receiver, url: str, a
         extra_hosts=settings.clip_extra_source_hosts, max_seconds=settings.clip_max_seconds,
         max_name_length=settings.clip_name_max_length, max_bytes=settings.clip_max_output_bytes,
     )  # fmt: skip
-    ouro = OuroHeaders(action_id="a1", route_id="r1", webhook_url=hook.url, webhook_token="tok")
-    job = StoredJob(view=job_view, spec=asdict(spec), ouro=ouro, caller="user:old")
-    assert await Store(redis, settings).submit(job, None) == (1, "")
-    await redis.aclose()
-    return job_view.job_id
+    ouro = OuroHeaders(action_id="a1", route_id="r1", webhook_url=webhook_url, webhook_token="t")
+    job = StoredJob(view=job_view, spec=asdict(spec), ouro=ouro, caller=f"user:{job_view.job_id}")
+    assert await store.submit(job, None) == (1, "")
+    return job
 
 
 def test_sigterm_lets_the_running_job_finish(cluster: Cluster, hook: Receiver) -> None:

@@ -163,11 +163,21 @@ def redis_image(docker: Docker, base_image: str) -> str:
 
 
 @contextmanager
-def container(docker: Docker, image: str, *command: str, env: dict[str, str]) -> Iterator[str]:
-    """A detached container on the host's network; removed on exit, its log shown on failure."""
+def container(
+    docker: Docker,
+    image: str,
+    *command: str,
+    env: dict[str, str],
+    mounts: Sequence[tuple[Path, str]] = (),
+) -> Iterator[str]:
+    """A detached container on the host's network, with ``mounts`` (host directory, path in
+    the container) bound; removed on exit, its log shown on failure."""
     name = f"hermes-test-{uuid.uuid4().hex[:8]}"
     env_args = [arg for key, value in env.items() for arg in ("-e", f"{key}={value}")]
-    docker.run("run", "-d", "--name", name, "--network", "host", *env_args, image, *command)
+    mount_args = [arg for host, inside in mounts for arg in ("-v", f"{host}:{inside}")]
+    docker.run(
+        "run", "-d", "--name", name, "--network", "host", *env_args, *mount_args, image, *command
+    )  # fmt: skip
     try:
         yield name
     except BaseException as exc:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -35,6 +36,8 @@ from tests.support.receiver import Receiver, receiver
 pytestmark = pytest.mark.image
 
 SOURCE_SECONDS = 12
+# Where the distributed test's containers mount their shared results directory.
+RESULTS_DIR = "/srv/hermes-results"
 
 
 @pytest.fixture(scope="module")
@@ -139,20 +142,35 @@ def test_clip_job(served: str, origin: RangeServer, hook: Receiver) -> None:
 
 
 def test_worker_container_completes_a_distributed_job(
-    docker: Docker, image: str, redis_image: str, origin: RangeServer, hook: Receiver
+    docker: Docker,
+    image: str,
+    redis_image: str,
+    origin: RangeServer,
+    hook: Receiver,
+    tmp_path: Path,
 ) -> None:
+    """API and worker in containers of their own, sharing Redis and a results directory
+    (distributed mode's ``HERMES_CLIP_STORAGE_URL`` as a volume both mount)."""
     redis_port, api_port = free_port(), free_port()
+    shared = tmp_path / "results"
+    shared.mkdir()
+    # The image's user (not root) writes results there; the host's test user reads them back.
+    shared.chmod(0o1777)
     env = clip_env(
         origin,
         HERMES_REDIS_URL=f"redis://127.0.0.1:{redis_port}/0",
         HERMES_CLIP_QUEUE_NAME=f"hermes:clip:image-test:{uuid.uuid4().hex[:8]}",
+        HERMES_CLIP_STORAGE_URL=RESULTS_DIR,
     )
+    mounts = [(shared, RESULTS_DIR)]
     redis_cmd = ("redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "")
     api_cmd = ("hermes-media", "serve", "clip", "--host", "127.0.0.1", "--port", str(api_port))
     with (
         container(docker, redis_image, *redis_cmd, env={}),
-        container(docker, image, "hermes-media", "worker", env=env),
-        container(docker, image, *api_cmd, env=env) as api,
+        container(docker, image, "hermes-media", "worker", env=env, mounts=mounts),
+        container(docker, image, *api_cmd, env=env, mounts=mounts) as api,
     ):
         wait_ready(docker, api, [f"http://127.0.0.1:{api_port}/readyz"])
         clip_and_wait(f"http://127.0.0.1:{api_port}", origin, hook)
+    # The worker stored the clip in the shared directory, where the API read it from.
+    assert len(list(shared.glob("*/clip.mp4"))) == 1

@@ -147,7 +147,7 @@ class ArqQueue:
                 if job is not None and not job.view.finished:
                     await fail(store, job, token, Cancelled(CANCELLED), release=True)
             else:
-                run = await store.run(job_id)
+                run = await store.current(job_id)
                 await store.redis.zadd(
                     abort_jobs_ss, {run_of(job_id, run).arq_id: int(time.time() * 1000)}
                 )

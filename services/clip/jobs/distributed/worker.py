@@ -6,9 +6,9 @@ caller's share of running jobs; a caller at the limit has the run come back a se
 behind other callers' jobs. Every write of the job's state goes through the fenced commit
 (``records``), the result file is stored under a key of the run's own (``<job id>-<token>``),
 and the webhook is queued in the commit that ends the job, so a run that lost its job
-changes nothing. Webhook delivery is a job of its own (``deliver_webhook``), retried with
-backoff until the window or the job's deadline closes, so a failed delivery never repeats the
-download.
+changes nothing. Webhook delivery is a job of its own (``deliver_webhook``), each attempt an
+arq job under a lease of its own kind, retried with backoff until the window or the job's
+deadline closes, so a failed delivery never repeats the download.
 
 On SIGTERM a worker takes no new job and gives running ones a grace period; the rest are
 cancelled and their next run is queued for another worker. While Redis is down workers wait.
@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 from arq.connections import RedisSettings
-from arq.worker import Retry, Worker, func
+from arq.worker import Worker, func
 from redis.exceptions import RedisError
 
 from services.clip import canary
@@ -53,6 +53,7 @@ from services.clip.jobs.distributed.records import (
     end,
     fail,
     run_of,
+    webhook_of,
 )
 from services.clip.jobs.distributed.sweeper import sweep_forever
 from services.clip.jobs.model import (
@@ -81,7 +82,8 @@ PROGRESS_INTERVAL = 0.25
 POLL_SECONDS = 0.1
 # arq's own limit is a backstop: the job's own timeout fires first and sends the error webhook.
 ARQ_TIMEOUT_MARGIN = 5.0
-# arq's tries of one arq job; every run of a clip job is an arq job of its own.
+# arq's tries of one arq job; every run of a clip job, and every attempt to deliver its
+# webhook, is an arq job of its own.
 ARQ_MAX_TRIES = 20
 # A caller's run waiting for one of its running jobs to end looks again this much later: a
 # waiting job costs one pick a second, and starts at most a second after a slot frees.
@@ -137,7 +139,7 @@ async def clip_job(ctx: dict[str, Any], job_id: str, run: int) -> None:
     job = await store.load(job_id)
     if job is None or job.view.finished:
         return
-    lease = await Lease.take(store, job, run)
+    lease = await Lease.take(store, job, "run", run)
     if lease == 0:
         # The caller runs as many jobs as allowed: after other callers' jobs, look again.
         await store.next_run(job, run, lapsed=False, defer=WAIT_SECONDS)
@@ -217,9 +219,7 @@ async def _run(
             view.error = ErrorDetail(code=exc.code, message=exc.message)
             retry = run_of(job_id, run + 1, defer=delay)
             logger.info("job %s: %s, run %d again in %.1f s", job_id, exc.code, view.tries, delay)
-            await _committed(
-                store.commit(job, lease.token, release=True, enqueue=retry, next_run=run + 1), lease
-            )
+            await _committed(store.commit(job, lease.token, release="run", enqueue=retry), lease)
             return
         await _committed(fail(store, job, lease.token, exc, release=True), lease)
         return
@@ -276,9 +276,7 @@ async def _interrupted(
     view = job.view
     view.status, view.stage, view.progress = JobStatus.queued, "requeued", 0.0
     await _committed(
-        store.commit(
-            job, lease.token, release=True, enqueue=run_of(view.job_id, run + 1), next_run=run + 1
-        ),
+        store.commit(job, lease.token, release="run", enqueue=run_of(view.job_id, run + 1)),
         lease,
     )
 
@@ -300,26 +298,33 @@ async def _flush_progress(store: Store, job: StoredJob, lease: Lease) -> None:
                     return
 
 
-async def deliver_webhook(ctx: dict[str, Any], job_id: str) -> None:
-    """One delivery attempt; retried by arq with backoff until the window or deadline closes."""
+async def deliver_webhook(ctx: dict[str, Any], job_id: str, attempt: int) -> None:
+    """Attempt ``attempt`` of the job's webhook, if it is still the current one, under its
+    lease; the next attempt is queued with backoff until the window or deadline closes."""
     state = _state(ctx)
     store = state.store
-    token = await store.token(job_id)
     job = await store.load(job_id)
     if job is None or job.ouro.webhook_url is None or job.view.webhook is not WebhookState.pending:
         return
+    lease = await Lease.take(store, job, "delivery", attempt)
+    if not isinstance(lease, Lease):
+        return
     observability.job_id.set(job_id)
     observability.action_id.set(job.ouro.action_id)
-    attempt = int(ctx["job_try"])
+    lease.start()
     try:
-        body = await _webhook_payload(state, job)
-    except StorageUnavailable:
-        logger.info("webhook %s: the object store is unreachable", job_id)
-        outcome = Outcome.retry
-    else:
-        outcome = await state.sender.attempt(
-            job.ouro.webhook_url, body, token=job.ouro.webhook_token, delivery_id=job_id
-        )
+        try:
+            outcome = await _post(state, job, job.ouro.webhook_url)
+        finally:
+            await asyncio.shield(lease.stop())
+    except asyncio.CancelledError:
+        # The lease was lost (nothing to do), or the worker is stopping: the next attempt goes
+        # to another worker now. In a task of its own, as in ``clip_job``.
+        if not lease.lost:
+            handed = store.commit(job, lease.token, release="delivery",
+                                  enqueue=webhook_of(job_id, attempt + 1))  # fmt: skip
+            await asyncio.shield(_committed(handed, lease))
+        return
     if outcome is Outcome.retry:
         delay = state.sender.delay(attempt)
         started = job.webhook_started_at or time.time()
@@ -328,14 +333,30 @@ async def deliver_webhook(ctx: dict[str, Any], job_id: str) -> None:
             deliveries_end_by(job.view.created_at, state.settings),
         )
         if time.time() + delay < closes:
-            raise Retry(defer=delay)
+            retry = webhook_of(job_id, attempt + 1, defer=delay)
+            await _committed(
+                store.commit(job, lease.token, release="delivery", enqueue=retry), lease
+            )
+            return
         logger.warning("webhook %s: window closed after %d attempts", job_id, attempt)
     job.view.webhook = (
         WebhookState.delivered if outcome is Outcome.delivered else WebhookState.failed
     )
-    await store.commit(job, token)
+    if not await _committed(store.commit(job, lease.token, release="delivery"), lease):
+        return
     if job.result_key is not None:
         await store.keep_result_until(job.result_key, _result_deadline(state.settings, job))
+
+
+async def _post(state: WorkerState, job: StoredJob, url: str) -> Outcome:
+    """One POST of the job's webhook, its body read from the record and the stored file."""
+    job_id = job.view.job_id
+    try:
+        body = await _webhook_payload(state, job)
+    except StorageUnavailable:
+        logger.info("webhook %s: the object store is unreachable", job_id)
+        return Outcome.retry
+    return await state.sender.attempt(url, body, token=job.ouro.webhook_token, delivery_id=job_id)
 
 
 async def _webhook_payload(state: WorkerState, job: StoredJob) -> Payload:
@@ -411,7 +432,7 @@ def worker(settings: ClipSettings) -> Worker:
                 deliver_webhook,
                 name="deliver_webhook",
                 timeout=settings.webhook_timeout_seconds + ARQ_TIMEOUT_MARGIN,
-                max_tries=1_000_000,
+                max_tries=ARQ_MAX_TRIES,
             ),
         ],
         redis_settings=RedisSettings.from_dsn(settings.redis_url),
