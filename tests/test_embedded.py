@@ -29,7 +29,7 @@ from pydantic import ValidationError
 
 from services.clip.app import create_app
 from services.clip.jobs.model import JobStatus, JobView, WebhookState
-from services.clip.jobs.sqlite_store import DATABASE, JobDatabase, JobDatabaseError, JobRecord
+from services.clip.jobs.sqlite_store import DATABASE, JobDatabase, JobDatabaseError, StoredRecord
 from services.clip.request import build_spec
 from services.clip.settings import ClipSettings
 from services.common.errors import ErrorDetail
@@ -273,7 +273,7 @@ def left_behind(
     age: float,
     caller: str = "user:u1",
     **view: Any,
-) -> JobRecord:
+) -> StoredRecord:
     """A job as a process that died ``age`` seconds after accepting it left it."""
     spec = build_spec(
         youtube_url=media.url("s60.mp4"), start_time=start, end_time=end, name=None,
@@ -283,10 +283,10 @@ def left_behind(
     fields: dict[str, Any] = {"status": JobStatus.queued, "progress": 0, "stage": "queued"}
     job = JobView(job_id=uuid.uuid4().hex, created_at=time.time() - age, **(fields | view))
     ouro = OuroHeaders(action_id=job.job_id, webhook_url=hook.url, webhook_token="tok")
-    return JobRecord(view=job, spec=asdict(spec), ouro=ouro, caller=caller)
+    return StoredRecord(view=job, spec=asdict(spec), ouro=ouro, caller=caller)
 
 
-def write_jobs(work: Path, *records: JobRecord) -> None:
+def write_jobs(work: Path, *records: StoredRecord) -> None:
     async def write() -> None:
         db = await JobDatabase.open(work)
         await db.put(*records)

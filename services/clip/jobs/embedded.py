@@ -45,7 +45,7 @@ from services.clip.jobs.model import (
     webhook_body,
 )
 from services.clip.jobs.runner import LOCK_FILE, job_directory, remove_stale_directories, run_job
-from services.clip.jobs.sqlite_store import JobDatabase, JobRecord
+from services.clip.jobs.sqlite_store import JobDatabase, StoredRecord
 from services.clip.jobs.storage import ResultStore
 from services.clip.request import ClipSpec
 from services.clip.settings import ClipSettings
@@ -66,7 +66,7 @@ class JobInterrupted(ClipFailed):
 
 @dataclass(eq=False)
 class _Job:
-    record: JobRecord
+    record: StoredRecord
     task: asyncio.Task[None] | None = None
     delivery: asyncio.Task[None] | None = None
     turn: asyncio.Future[None] | None = None
@@ -160,7 +160,7 @@ class EmbeddedQueue:
                 "have; ask again when one has ended.",
                 self._retry_after(mine),
             )
-        job = _Job(JobRecord.new(queued_view(), spec, ouro, caller, key))
+        job = _Job(StoredRecord.new(queued_view(), spec, ouro, caller, key))
         job_id = job.view.job_id
         self._jobs[job_id] = job
         if key is not None:

@@ -19,7 +19,7 @@ from services.clip.errors import ClipFailed
 from services.clip.jobs.delivery import Payload
 from services.clip.jobs.storage import ResultStore
 from services.clip.pipeline import ClipResult
-from services.clip.request import ClipSpec, safe_filename
+from services.clip.request import ClipSpec, SourceUrl, safe_filename
 from services.clip.settings import ClipSettings
 from services.common.errors import ErrorDetail, HermesError, TooManyRequests, Unavailable
 from services.common.ouro import OuroHeaders, WebhookBody
@@ -95,6 +95,19 @@ class JobView(BaseModel):
         return self.status in (JobStatus.succeeded, JobStatus.failed)
 
 
+class JobRecord(BaseModel):
+    """A job as a queue keeps it: what callers see, the request, Ouro's headers, the caller."""
+
+    view: JobView
+    spec: dict[str, Any]
+    ouro: OuroHeaders
+    caller: str
+
+    def clip_spec(self) -> ClipSpec:
+        spec = dict(self.spec)
+        return ClipSpec(source=SourceUrl(**spec.pop("source")), **spec)
+
+
 class JobTimeout(ClipFailed):
     code = "job_timeout"
 
@@ -124,6 +137,12 @@ def deliveries_end_by(created_at: float, settings: ClipSettings) -> float:
 
 class QueueFull(Unavailable):
     code = "queue_full"
+
+
+class QueueUnavailable(Unavailable):
+    """Where the queue keeps its jobs (Redis, the job database) cannot be reached."""
+
+    code = "queue_unavailable"
 
 
 class TooManyJobs(TooManyRequests):

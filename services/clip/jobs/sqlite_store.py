@@ -19,13 +19,10 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
-from typing import IO, Any, TypeVar
+from typing import IO, TypeVar
 
-from pydantic import BaseModel
-
-from services.clip.jobs.model import JobView
-from services.clip.request import ClipSpec, SourceUrl
-from services.common.errors import Unavailable
+from services.clip.jobs.model import JobRecord, JobView, QueueUnavailable
+from services.clip.request import ClipSpec
 from services.common.ouro import OuroHeaders
 
 DATABASE = "jobs.sqlite3"
@@ -50,28 +47,16 @@ class JobDatabaseError(RuntimeError):
     """The work directory's job database cannot be used; the message says what to do."""
 
 
-class JobsUnrecorded(Unavailable):
-    code = "queue_unavailable"
-
-
-class JobRecord(BaseModel):
+class StoredRecord(JobRecord):
     """Everything a restarted process needs to resume, deliver or show one job."""
 
-    view: JobView
-    spec: dict[str, Any]
-    ouro: OuroHeaders
-    caller: str
     key: str | None = None
 
     @classmethod
     def new(
         cls, view: JobView, spec: ClipSpec, ouro: OuroHeaders, caller: str, key: str | None
-    ) -> JobRecord:
+    ) -> StoredRecord:
         return cls(view=view, spec=asdict(spec), ouro=ouro, caller=caller, key=key)
-
-    def clip_spec(self) -> ClipSpec:
-        spec = dict(self.spec)
-        return ClipSpec(source=SourceUrl(**spec.pop("source")), **spec)
 
 
 class JobDatabase:
@@ -94,16 +79,16 @@ class JobDatabase:
                 self._thread, work, self._connection
             )
         except sqlite3.Error as exc:
-            raise JobsUnrecorded(f"The clip job database {self.path} failed: {exc}.") from exc
+            raise QueueUnavailable(f"The clip job database {self.path} failed: {exc}.") from exc
 
-    async def load(self) -> list[JobRecord]:
+    async def load(self) -> list[StoredRecord]:
         """Every job, oldest first."""
         rows = await self._call(
             lambda db: db.execute("SELECT record FROM jobs ORDER BY created_at").fetchall()
         )
-        return [JobRecord.model_validate_json(record) for (record,) in rows]
+        return [StoredRecord.model_validate_json(record) for (record,) in rows]
 
-    async def put(self, *records: JobRecord) -> None:
+    async def put(self, *records: StoredRecord) -> None:
         rows = [
             (r.view.job_id, r.key, r.caller, r.view.status.value, r.view.webhook.value,
              r.view.created_at, r.model_dump_json())

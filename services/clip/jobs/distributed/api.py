@@ -13,7 +13,6 @@ from redis.exceptions import RedisError
 
 from services.clip.jobs.distributed.records import (
     REDIS_DOWN,
-    QueueUnavailable,
     Store,
     StoredJob,
     WorkerRecord,
@@ -28,6 +27,7 @@ from services.clip.jobs.model import (
     JobStatus,
     JobView,
     QueueFull,
+    QueueUnavailable,
     TooManyJobs,
     queued_view,
     stored_file,

@@ -38,17 +38,15 @@ from redis.asyncio import ConnectionPool
 
 from services.clip.canary import CanaryResult
 from services.clip.jobs.model import (
+    JobRecord,
     JobStatus,
-    JobView,
     WebhookState,
     deliveries_end_by,
     runs_end_by,
 )
-from services.clip.request import ClipSpec, SourceUrl
 from services.clip.settings import ClipSettings
 from services.clip.toolchain import Check
-from services.common.errors import ErrorDetail, HermesError, Unavailable
-from services.common.ouro import OuroHeaders
+from services.common.errors import ErrorDetail, HermesError
 
 REDIS_DOWN = "The job queue is unreachable; try again shortly."
 # A worker renews its record every few seconds; one not renewed for the TTL is dead.
@@ -59,23 +57,11 @@ DEFAULT_RUN_SECONDS = 30.0
 RUN_SECONDS_WEIGHT = 0.2
 
 
-class QueueUnavailable(Unavailable):
-    code = "queue_unavailable"
-
-
-class StoredJob(BaseModel):
+class StoredJob(JobRecord):
     """Everything about one job that every replica and worker must see."""
 
-    view: JobView
-    spec: dict[str, Any]
-    ouro: OuroHeaders
-    caller: str
     webhook_started_at: float | None = None
     result_key: str | None = None
-
-    def clip_spec(self) -> ClipSpec:
-        spec = dict(self.spec)
-        return ClipSpec(source=SourceUrl(**spec.pop("source")), **spec)
 
 
 class WorkerRecord(BaseModel):
