@@ -14,11 +14,9 @@ import os
 import signal
 import sqlite3
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -38,23 +36,13 @@ from tests.conftest import Media
 from tests.support.apps import client, free_port
 from tests.support.rangeserver import ThrottlePolicy
 from tests.support.receiver import Receiver, receiver
-
-HERMES_MEDIA = Path(sys.executable).with_name("hermes-media")
+from tests.support.serve import HERMES_MEDIA, serve_clip, wait_until
 
 
 @pytest.fixture
 def hook() -> Iterator[Receiver]:
     with receiver() as r:
         yield r
-
-
-def wait_until(check: Any, timeout: float, every: float = 0.05) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if result := check():
-            return result
-        time.sleep(every)
-    raise TimeoutError("condition not met in time")
 
 
 def ask(
@@ -77,33 +65,6 @@ def view(api: httpx.Client, job_id: str) -> dict[str, Any]:
 
 
 # --- a crash: SIGKILL with jobs queued, running and a webhook pending ----------------------
-
-
-@contextmanager
-def serve_clip(env: dict[str, str], log: Path) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
-    """``hermes-media serve clip`` on a free port until it answers; killed on exit."""
-    port = free_port()
-    with log.open("ab") as out:
-        process = subprocess.Popen(
-            [str(HERMES_MEDIA), "serve", "clip", "--port", str(port)],
-            env=env, stdout=out, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-    base = f"http://127.0.0.1:{port}"
-
-    def up() -> bool:
-        assert process.poll() is None, log.read_text()
-        try:
-            return httpx.get(f"{base}/healthz", timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    try:
-        wait_until(up, timeout=30)
-        yield process, base
-    finally:
-        if process.poll() is None:
-            process.kill()
-        process.wait(timeout=10)
 
 
 def process_env(media: Media, work: Path, **extra: str) -> dict[str, str]:
