@@ -238,6 +238,16 @@ def create_app(settings: ClipSettings | None = None) -> FastAPI:
                 }
             },
             **error_responses(400, 401, 422, 429, 503),
+            429: {
+                **error_responses(429)[429],
+                "description": "too_many_jobs: the caller's share of the queue is full.",
+                "headers": {
+                    "Retry-After": {
+                        "description": "Seconds after which a new job may be accepted.",
+                        "schema": {"type": "integer"},
+                    }
+                },
+            },
         },
         callbacks=webhooks.routes,
         openapi_extra={
