@@ -52,7 +52,7 @@ def main() -> None:
     CACHE.mkdir(parents=True, exist_ok=True)
     source = make_source(CACHE, seconds=60, width=640, height=360, name="queue60")
     lines = [
-        "# Distributed queue benchmark",
+        "# Clip queue benchmark",
         "",
         f"Command: `.venv/bin/python -m bench.queue --jobs {args.jobs} --kills {args.kills}`; "
         f"{os.cpu_count()} cores; each job a 3 s clip of a 60 s 640x360 source.",
