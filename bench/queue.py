@@ -28,12 +28,12 @@ import httpx
 
 from services.clip.app import create_app
 from services.clip.settings import ClipSettings
-from tests.support.apps import client
+from tests.support.apps import client, wait_until
 from tests.support.media import make_source
 from tests.support.rangeserver import RangeServer, ThrottlePolicy
 from tests.support.receiver import Receiver, receiver
 from tests.support.redis import redis_server
-from tests.support.serve import serve_clip, wait_until
+from tests.support.serve import serve_clip
 
 CACHE = Path(tempfile.gettempdir()) / "hermes-media-bench"
 # Slow enough that a 19 s clip's fetch surely runs when its worker is killed.

@@ -12,9 +12,9 @@ import pytest
 from services.clip.app import create_app
 from services.clip.ffmpeg import ffmpeg_exe
 from tests.conftest import MEDIA_CACHE, Media
-from tests.support.apps import client
+from tests.support.apps import client, finished_job
 from tests.support.media import make_dash, make_source
-from tests.test_clip_e2e import ask, settings_for, wait_for_job
+from tests.test_clip_e2e import ask, settings_for
 
 SLACK = 256 * 1024
 MEDIA = (".mp4", ".m4a")
@@ -86,7 +86,7 @@ def test_a_clip_takes_only_its_share_from_the_origin(
     with client(create_app(settings)) as api:
         media.server.reset()
         job = ask(api, media.url(served), start, end).json()["job_id"]
-        assert wait_for_job(api, job)["status"] == "succeeded"
+        assert finished_job(api, job)["status"] == "succeeded"
     taken = media.server.bytes_sent()
     print(f"{name}: taken {taken} share {share} ratio {taken / share:.3f}")
     assert taken <= 1.3 * share + SLACK

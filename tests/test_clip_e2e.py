@@ -19,7 +19,7 @@ from services.clip.app import create_app
 from services.clip.ffmpeg import ffmpeg_exe, parse_banner
 from services.clip.settings import ClipSettings
 from tests.conftest import FPS, HEIGHT, ORIGINS, WIDTH, Media
-from tests.support.apps import client
+from tests.support.apps import client, finished_job
 from tests.support.media import beep_onsets, decode_frames, frame_number
 from tests.support.receiver import Receiver, receiver
 
@@ -65,16 +65,6 @@ def ask(
     return api.post("/download-a-clip-from-youtube", json=body, headers=headers)
 
 
-def wait_for_job(api: httpx.Client, job_id: str, timeout: float = 60) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        view: dict[str, Any] = api.get(f"/jobs/{job_id}").json()
-        if view["status"] in ("succeeded", "failed") and view["webhook"] != "pending":
-            return view
-        time.sleep(0.05)
-    raise TimeoutError(job_id)
-
-
 def assert_exact(clip: Path, *, first: int, count: int) -> None:
     """Every frame from the source's frame ``first`` on, in order, in any player."""
     for ignore_editlist in (False, True):
@@ -100,7 +90,7 @@ def test_clip_is_frame_exact_in_sync_and_delivered(
         job_id = response.json()["job_id"]
         assert response.headers["location"] == f"/jobs/{job_id}"
         [delivery] = hook.wait(1)
-        view = wait_for_job(api, job_id)
+        view = finished_job(api, job_id)
 
     assert delivery.headers["ouro-webhook-token"] == "secret-token"
     body = delivery.body
@@ -194,7 +184,7 @@ def test_only_the_clip_span_is_fetched_in_bounded_ranges(media: Media, tmp_path:
     with client(create_app(settings)) as api:
         media.server.reset()
         job_id = ask(api, media.url("s600.mp4"), "5:00", "5:30").json()["job_id"]
-        assert wait_for_job(api, job_id)["status"] == "succeeded"
+        assert finished_job(api, job_id)["status"] == "succeeded"
     share = long_source.stat().st_size * 30 / 600
     fetched = media.server.bytes_sent("s600.mp4")
     assert fetched <= 2 * share, f"fetched {fetched} bytes for a share of {share:.0f}"
@@ -268,7 +258,7 @@ def test_failures_reach_the_webhook_with_a_code(
         response = ask(api, media.url(path), start, end, hook)
         assert response.status_code == 202
         [delivery] = hook.wait(1)
-        view = wait_for_job(api, response.json()["job_id"])
+        view = finished_job(api, response.json()["job_id"])
     assert delivery.body["status"] == "error"
     error = delivery.body["response"]["error"]
     assert error["code"] == code, error
@@ -280,16 +270,16 @@ def test_failures_reach_the_webhook_with_a_code(
 def test_output_limit_timeout_and_cancel(media: Media, tmp_path: Path, hook: Receiver) -> None:
     with client(create_app(settings_for(media, tmp_path))) as api:
         job = ask(api, media.url("s60.mp4"), "0:01", "0:06").json()["job_id"]
-        size = wait_for_job(api, job)["result"]["bytes"]
+        size = finished_job(api, job)["result"]["bytes"]
     # A direct caller's budget (the webhook's is tested with the formats' choice).
     for limit, code in ((size, None), (size - 1, "output_too_large")):
         with client(create_app(settings_for(media, tmp_path, clip_max_file_bytes=limit))) as api:
             job = ask(api, media.url("s60.mp4"), "0:01", "0:06").json()["job_id"]
-            assert (wait_for_job(api, job)["error"] or {}).get("code") == code
+            assert (finished_job(api, job)["error"] or {}).get("code") == code
     slow = settings_for(media, tmp_path, clip_job_timeout_seconds=0.3)
     with client(create_app(slow)) as api:
         job = ask(api, media.url("s60.mp4"), "0:01", "0:50").json()["job_id"]
-        assert wait_for_job(api, job)["error"]["code"] == "job_timeout"
+        assert finished_job(api, job)["error"]["code"] == "job_timeout"
         assert not (tmp_path / "work" / job).exists()
         assert not ffmpeg_running(tmp_path)
     with client(create_app(settings_for(media, tmp_path))) as api:
@@ -395,7 +385,7 @@ def test_sources_that_cannot_be_smart_cut_are_reencoded_exactly(
 ) -> None:
     with client(create_app(settings_for(media, tmp_path))) as api:
         job = ask(api, media.url("mpeg4.mp4"), "0:03.2", "0:07.2").json()["job_id"]
-        view = wait_for_job(api, job)
+        view = finished_job(api, job)
         clip = tmp_path / "clip.mp4"
         clip.write_bytes(api.get(f"/jobs/{job}/file").content)
     assert view["result"]["cut"] == "reencode"
@@ -407,7 +397,7 @@ def test_disk_per_job_at_and_past_the_limit(media: Media, tmp_path: Path) -> Non
     def run(limit: int) -> dict[str, Any]:
         settings = settings_for(media, tmp_path, clip_max_job_disk_bytes=limit)
         with client(create_app(settings)) as api:
-            return wait_for_job(
+            return finished_job(
                 api, ask(api, media.url("s60.mp4"), "0:10", "0:14").json()["job_id"]
             )
 

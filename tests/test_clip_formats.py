@@ -13,7 +13,6 @@ from __future__ import annotations
 import base64
 import functools
 import math
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,7 @@ from services.clip.fetch.source import Format, select
 from services.clip.request import byte_budget
 from services.clip.settings import ClipSettings
 from tests.conftest import MEDIA_CACHE, Media
-from tests.support.apps import client
+from tests.support.apps import client, finished_job
 from tests.support.ladder import DASH_LADDER, HLS_LADDER, Ladder, Rendition, make_ladder
 from tests.support.media import audio_seconds, decode_timed_frames, frame_number, grey_psnr
 from tests.support.rangeserver import RangeServer
@@ -109,16 +108,6 @@ def ask(
     return api.post("/download-a-clip-from-youtube", json=body, headers=headers)
 
 
-def finished(api: httpx.Client, job_id: str, timeout: float = 60) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        view: dict[str, Any] = api.get(f"/jobs/{job_id}").json()
-        if view["status"] in ("succeeded", "failed") and view["webhook"] != "pending":
-            return view
-        time.sleep(0.05)
-    raise TimeoutError(job_id)
-
-
 def clip(
     settings: ClipSettings,
     url: str,
@@ -130,7 +119,7 @@ def clip(
     with client(create_app(settings)) as api:
         response = ask(api, url, span, hook, **extra)
         assert response.status_code == 202, response.text
-        view = finished(api, response.json()["job_id"])
+        view = finished_job(api, response.json()["job_id"])
         if view["status"] != "succeeded":
             return view, None
         if hook is not None:
@@ -283,7 +272,7 @@ def test_ten_minutes_by_default_and_not_a_frame_more(origin: Media, tmp_path: Pa
         refused = ask(api, url, ("0:00", "10:00.04"), None)
         assert refused.status_code == 422
         assert refused.json()["error"]["code"] == "clip_too_long"
-        view = finished(api, accepted.json()["job_id"])
+        view = finished_job(api, accepted.json()["job_id"])
     assert view["error"]["code"] == "range_out_of_bounds"
 
 

@@ -32,7 +32,7 @@ from services.clip.request import build_spec
 from services.clip.settings import ClipSettings
 from services.common.ouro import OuroHeaders
 from tests.conftest import Media
-from tests.support.apps import client
+from tests.support.apps import client, wait_until
 from tests.support.rangeserver import ThrottlePolicy
 from tests.support.receiver import Receiver, receiver
 from tests.support.redis import RedisServer, redis_server
@@ -141,15 +141,6 @@ def ask(
 def view(api: httpx.Client, job_id: str) -> dict[str, Any]:
     found: dict[str, Any] = api.get(f"/jobs/{job_id}").json()
     return found
-
-
-def wait_until(check: Any, timeout: float = 60, every: float = 0.05) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if result := check():
-            return result
-        time.sleep(every)
-    raise TimeoutError("condition not met in time")
 
 
 def test_jobs_run_on_two_workers_and_are_delivered_signed(cluster: Cluster, hook: Receiver) -> None:

@@ -33,10 +33,10 @@ from services.clip.settings import ClipSettings
 from services.common.errors import ErrorDetail
 from services.common.ouro import OuroHeaders
 from tests.conftest import Media
-from tests.support.apps import client, free_port
+from tests.support.apps import client, free_port, wait_until
 from tests.support.rangeserver import ThrottlePolicy
 from tests.support.receiver import Receiver, receiver
-from tests.support.serve import HERMES_MEDIA, serve_clip, wait_until
+from tests.support.serve import HERMES_MEDIA, serve_clip
 
 
 @pytest.fixture

@@ -32,12 +32,12 @@ from services.clip.jobs.storage import S3Store
 from services.clip.settings import ClipSettings
 from services.common.ouro import OuroHeaders
 from tests.conftest import Media
-from tests.support.apps import client
+from tests.support.apps import client, wait_until
 from tests.support.holdproxy import hold_proxy
 from tests.support.receiver import Receiver, receiver
 from tests.support.redis import redis_server
 from tests.support.s3 import S3Server, s3_server
-from tests.test_distributed import SECRET, Cluster, ask, view, wait_until
+from tests.test_distributed import SECRET, Cluster, ask, view
 
 MIB = 1024 * 1024
 

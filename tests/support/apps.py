@@ -1,4 +1,5 @@
-"""Running a real app over real HTTP on a free loopback port, for the length of a test."""
+"""Running a real app over real HTTP on a free loopback port, for the length of a test, and
+waiting on what it does."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import httpx
 import uvicorn
@@ -45,3 +47,25 @@ def serve(app: FastAPI) -> Iterator[str]:
 def client(app: FastAPI, timeout: float = 60) -> Iterator[httpx.Client]:
     with serve(app) as base, httpx.Client(base_url=base, timeout=timeout) as http:
         yield http
+
+
+def wait_until(check: Any, timeout: float = 60, every: float = 0.05) -> Any:
+    """``check()``'s first truthy answer, asked every ``every`` s; TimeoutError past ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if result := check():
+            return result
+        time.sleep(every)
+    raise TimeoutError("condition not met in time")
+
+
+def finished_job(api: httpx.Client, job_id: str, timeout: float = 60) -> dict[str, Any]:
+    """The clip job's view once it has ended and its webhook is no longer pending."""
+
+    def ended() -> dict[str, Any] | None:
+        view: dict[str, Any] = api.get(f"/jobs/{job_id}").json()
+        done = view["status"] in ("succeeded", "failed") and view["webhook"] != "pending"
+        return view if done else None
+
+    found: dict[str, Any] = wait_until(ended, timeout)
+    return found

@@ -5,26 +5,15 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import httpx
 
-from tests.support.apps import free_port
+from tests.support.apps import free_port, wait_until
 
 HERMES_MEDIA = Path(sys.executable).with_name("hermes-media")
-
-
-def wait_until(check: Any, timeout: float, every: float = 0.05) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if result := check():
-            return result
-        time.sleep(every)
-    raise TimeoutError("condition not met in time")
 
 
 @contextmanager
