@@ -1,4 +1,5 @@
-"""Shared fixtures: generated media served from loopback, cached across runs and workers."""
+"""Shared fixtures: generated media served from loopback, cached across runs and workers, and
+a webhook receiver."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import pytest
 
 from tests.support.media import ffmpeg_exe, make_dash, make_hls, make_source
 from tests.support.rangeserver import RangeServer
+from tests.support.receiver import Receiver, receiver
 from tests.support.strictorigin import StrictOrigin
 
 MEDIA_CACHE = Path(tempfile.gettempdir()) / "hermes-media-test-media"
@@ -85,3 +87,10 @@ def media(media_root: Path, request: pytest.FixtureRequest) -> Iterator[Media]:
     origin = ORIGINS[getattr(request, "param", "range")]
     with origin(media_root) as server:
         yield Media(server=server, root=media_root)
+
+
+@pytest.fixture
+def hook() -> Iterator[Receiver]:
+    """A real HTTP receiver for webhooks, on a free loopback port."""
+    with receiver() as r:
+        yield r

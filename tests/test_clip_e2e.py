@@ -8,7 +8,6 @@ import itertools
 import os
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,7 @@ from services.clip.settings import ClipSettings
 from tests.conftest import FPS, HEIGHT, ORIGINS, WIDTH, Media
 from tests.support.apps import client, finished_job
 from tests.support.media import beep_onsets, decode_frames, frame_number
-from tests.support.receiver import Receiver, receiver
+from tests.support.receiver import Receiver
 
 pytestmark = pytest.mark.parametrize("media", ORIGINS, indirect=True)
 FRAME = 1 / FPS
@@ -42,12 +41,6 @@ def settings_for(media: Media, tmp_path: Path, **overrides: Any) -> ClipSettings
         **overrides,
     }
     return ClipSettings(**values)
-
-
-@pytest.fixture
-def hook() -> Iterator[Receiver]:
-    with receiver() as r:
-        yield r
 
 
 def ask(

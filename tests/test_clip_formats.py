@@ -31,8 +31,9 @@ from tests.support.apps import client, finished_job
 from tests.support.ladder import DASH_LADDER, HLS_LADDER, Ladder, Rendition, make_ladder
 from tests.support.media import audio_seconds, decode_timed_frames, frame_number, grey_psnr
 from tests.support.rangeserver import RangeServer
-from tests.support.receiver import Receiver, receiver
+from tests.support.receiver import Receiver
 from tests.support.strictorigin import StrictOrigin
+from tests.test_clip_e2e import settings_for
 
 SIZES = ((256, 144), (426, 240), (640, 360))
 SECONDS = 12
@@ -56,23 +57,6 @@ def ladder() -> Ladder:
 def origin(ladder: Ladder) -> Iterator[Media]:
     with StrictOrigin(MEDIA_CACHE) as server:
         yield Media(server=server, root=MEDIA_CACHE)
-
-
-@pytest.fixture
-def hook() -> Iterator[Receiver]:
-    with receiver() as r:
-        yield r
-
-
-def settings_for(media: Media, tmp_path: Path, **overrides: Any) -> ClipSettings:
-    values: dict[str, Any] = {
-        "allow_private_networks": True,
-        "clip_extra_source_hosts": media.host,
-        "clip_work_dir": tmp_path / "work",
-        "webhook_backoff_seconds": 0.05,
-        **overrides,
-    }
-    return ClipSettings(**values)
 
 
 def video_rate(rendition: Rendition, container: str) -> int:

@@ -34,7 +34,7 @@ from services.common.ouro import OuroHeaders
 from tests.conftest import Media
 from tests.support.apps import client, wait_until
 from tests.support.rangeserver import ThrottlePolicy
-from tests.support.receiver import Receiver, receiver
+from tests.support.receiver import Receiver
 from tests.support.redis import RedisServer, redis_server
 
 SECRET = "whsec_" + "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
@@ -110,12 +110,6 @@ def cluster(media: Media, tmp_path: Path) -> Iterator[Cluster]:
             yield found
         finally:
             found.stop()
-
-
-@pytest.fixture
-def hook() -> Iterator[Receiver]:
-    with receiver() as r:
-        yield r
 
 
 def ask(

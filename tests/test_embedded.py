@@ -16,7 +16,6 @@ import sqlite3
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -37,12 +36,6 @@ from tests.support.apps import client, free_port, wait_until
 from tests.support.rangeserver import ThrottlePolicy
 from tests.support.receiver import Receiver, receiver
 from tests.support.serve import HERMES_MEDIA, serve_clip
-
-
-@pytest.fixture
-def hook() -> Iterator[Receiver]:
-    with receiver() as r:
-        yield r
 
 
 def ask(

@@ -34,7 +34,7 @@ from services.common.ouro import OuroHeaders
 from tests.conftest import Media
 from tests.support.apps import client, wait_until
 from tests.support.holdproxy import hold_proxy
-from tests.support.receiver import Receiver, receiver
+from tests.support.receiver import Receiver
 from tests.support.redis import redis_server
 from tests.support.s3 import S3Server, s3_server
 from tests.test_distributed import SECRET, Cluster, ask, view
@@ -56,12 +56,6 @@ def cluster(media: Media, tmp_path: Path) -> Iterator[Cluster]:
             yield found
         finally:
             found.stop()
-
-
-@pytest.fixture
-def hook() -> Iterator[Receiver]:
-    with receiver() as r:
-        yield r
 
 
 @pytest.fixture

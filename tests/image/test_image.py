@@ -31,7 +31,7 @@ from tests.support.apps import free_port
 from tests.support.images import encode, photo
 from tests.support.media import make_source
 from tests.support.rangeserver import RangeServer
-from tests.support.receiver import Receiver, receiver
+from tests.support.receiver import Receiver
 
 pytestmark = pytest.mark.image
 
@@ -46,12 +46,6 @@ def origin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RangeServer]:
     make_source(root, seconds=SOURCE_SECONDS, name="source")
     with RangeServer(root) as server:
         yield server
-
-
-@pytest.fixture
-def hook() -> Iterator[Receiver]:
-    with receiver() as r:
-        yield r
 
 
 def clip_env(origin: RangeServer, **extra: str) -> dict[str, str]:
